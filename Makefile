@@ -1,0 +1,39 @@
+# tqstack — one entry point for serving, testing and benchmarking.
+#   make up STACK=<stack>   serve a stack from configs/ with docker compose
+#   make test               everything CI runs (static image checks, configs, patches, harness e2e)
+#   make bench              benchmark a running stack (see bench/README.md)
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+PYTHON ?= python3
+ROOT := $(abspath .)
+CACHE_DIR ?= $(HOME)/.cache/tqstack
+BUILD := $(ROOT)/build
+
+# Main tooling environment: the tqstack packages (configs/, bench/) and the test tools.
+VENV := $(ROOT)/.venv
+VPY := $(VENV)/bin/python
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[test]'
+	touch $@
+
+.PHONY: venv help test
+venv: $(VENV)/.installed
+
+help:
+	@echo "make up STACK=<name>    serve a stack (docker compose); make down stops it"
+	@echo "make test               run every check CI runs"
+	@echo "make bench              benchmark a stack or endpoint (capacity, quality, latency)"
+	@echo "make demo               serve SmolLM2-135M on the CPU build of vLLM and benchmark it"
+	@echo "make patches-check      apply the vLLM patch series to the pinned wheel and run the CPU tests"
+	@echo "make images-check       lint Dockerfiles and run the image install/verify recipe natively"
+
+include configs/configs.mk
+include images/images.mk
+include patches/patches.mk
+include bench/bench.mk
+
+test: test-configs images-check patches-check test-bench
+	@echo "make test: all suites passed"
