@@ -31,13 +31,14 @@ def _stack(name: str):
 @app.command("list")
 def list_command() -> None:
     """List stacks (the names `make up STACK=...` accepts)."""
-    table = Table("hardware", "model", "kv dtype", "context", "TP")
-    table.add_column("stack (make up STACK=...)", no_wrap=True)
+    rows = [("STACK", "HARDWARE", "MODEL", "KV DTYPE", "CONTEXT", "TP")]
     for name in list_stacks():
         s = _stack(name)
-        table.add_row(s.hardware.name, s.model.name, s.serving.kv_cache_dtype,
-                      f"{s.serving.max_model_len:,}", str(s.serving.tensor_parallel_size), name)
-    console.print(table)
+        rows.append((name, s.hardware.name, s.model.name, s.serving.kv_cache_dtype,
+                     f"{s.serving.max_model_len:,}", str(s.serving.tensor_parallel_size)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
 @app.command()

@@ -233,7 +233,9 @@ def _plan_pages(specs: list[_Spec], turboquant: bool) -> int:
     tq_specs = [s for s in attention if s.key[1] in TURBOQUANT_DTYPES]
 
     if turboquant and tq_specs:
-        # P7: TurboQuant blocks grow until their page covers every other page at the kernel block.
+        # P7 (gates.md §7): the TurboQuant block grows (multiples of 16) until its page covers every other
+        # page at the kernel block; other layers take the largest multiple-of-16 block that divides it and fits
+        # in the page, and are padded up to it.
         target = max([s.bytes_per_token * KERNEL_BLOCK for s in attention] + [state_page])
         tq_bpt = max(s.bytes_per_token for s in tq_specs)
         tq_block = _round_up(math.ceil(target / tq_bpt), KERNEL_BLOCK)
@@ -386,6 +388,7 @@ def plan_capacity(
 
     specs = list(spec_by_key.values())
     turboquant = kv_cache_dtype in TURBOQUANT_DTYPES
+    in_flight = batched  # one batch in flight (no pipeline parallelism)
     page = _plan_pages(specs, turboquant)
     for spec in specs:
         for index in spec.layers:
@@ -396,7 +399,6 @@ def plan_capacity(
     block_bytes = page * group_size
     num_blocks = max(kv_memory, 0) // block_bytes
 
-    in_flight = batched  # one batch in flight (no pipeline parallelism)
     blocks = sum(n * _blocks_per_request(s, max_model_len, in_flight, state_pages, True) for s, n in groups)
     reported_blocks = sum(n * _blocks_per_request(s, max_model_len, in_flight, state_pages, False) for s, n in groups)
     bytes_per_sequence = blocks * block_bytes

@@ -1,0 +1,198 @@
+"""Capacity planner against hand-computed references (anchors.md §4.2, gates.md §1/§7, gpu-host.md)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+import tqconfig
+from tqconfig.architecture import load_architecture
+from tqconfig.loader import architecture_for
+from tqconfig.planner import GIB, full_attention_bytes_per_token, sliding_bytes_per_token
+from tqconfig.schema import Hardware
+
+# vLLM 0.26 TurboQuantConfig.slot_size_aligned, executed on the wheel (gates.md §1).
+SLOT_TABLE = {
+    "turboquant_k8v4": (388, 772),
+    "turboquant_4bit_nc": (262, 518),
+    "turboquant_k3v4_nc": (230, 454),
+    "turboquant_3bit_nc": (198, 390),
+}
+
+
+@pytest.mark.parametrize("dtype", list(SLOT_TABLE))
+def test_turboquant_slot_bytes_match_vllm_table(dtype):
+    assert (tqconfig.tq_slot_bytes(dtype, 256), tqconfig.tq_slot_bytes(dtype, 512)) == SLOT_TABLE[dtype]
+
+
+def test_slot_bytes_rejects_non_turboquant_dtype():
+    with pytest.raises(tqconfig.PlanInputError, match="kv_cache_dtype.*turboquant_k8v4"):
+        tqconfig.tq_slot_bytes("fp8", 256)
+
+
+# anchors.md §4.2: whole-model growing KV bytes/token with every full-attention layer at that dtype.
+GROWING_REFERENCE = {
+    "qwen3.6-27b": {"auto": 65_536, "fp8": 32_768, "turboquant_k8v4": 24_832, "turboquant_4bit_nc": 16_768,
+                    "turboquant_k3v4_nc": 14_720, "turboquant_3bit_nc": 12_672},
+    "gemma4-31b": {"auto": 81_920, "fp8": 40_960, "turboquant_k8v4": 30_880, "turboquant_4bit_nc": 20_720,
+                   "turboquant_k3v4_nc": 18_160, "turboquant_3bit_nc": 15_600},
+    # E4B: only layers 0-23 own a cache; 4 full layers x 2 heads x 512 (models.md §1.4: 16 KiB at bf16)
+    "gemma4-e4b": {"auto": 16_384, "turboquant_4bit_nc": 4 * 2 * 518},
+}
+
+
+@pytest.mark.parametrize("model,dtype,expected",
+                         [(m, d, v) for m, table in GROWING_REFERENCE.items() for d, v in table.items()])
+def test_growing_bytes_per_token_match_hand_computation(model, dtype, expected):
+    arch = architecture_for(tqconfig.load_model(model))
+    assert full_attention_bytes_per_token(arch, dtype) == expected
+
+
+def test_sliding_bytes_per_token_match_hand_computation():
+    assert sliding_bytes_per_token(architecture_for(tqconfig.load_model("gemma4-31b"))) == 819_200  # 50x16x256x2x2
+    assert sliding_bytes_per_token(architecture_for(tqconfig.load_model("gemma4-e4b"))) == 40_960  # 20x2x256x2x2
+
+
+def _plan(stack: str, **kw) -> tqconfig.CapacityPlan:
+    return tqconfig.load_stack(stack).plan(**kw)
+
+
+def test_gemma31b_layer_selection_keeps_boundary_and_sliding_bf16():
+    plan = _plan("rtx5060ti-x4-gemma4-31b")
+    assert plan.turboquant_layers == [5, 11, 17, 23, 29, 35, 41, 47, 53]
+    assert plan.bf16_full_attention_layers == [59]  # vLLM boundary 0,1,58,59: only 59 is full attention
+    assert len(plan.sliding_layers) == 50
+    assert all("sliding-window" in layer.reason for layer in plan.layers if layer.kind == "sliding_attention")
+    assert "boundary" in next(layer.reason for layer in plan.layers if layer.index == 59)
+    # 9 x (4 heads x 518) + 1 x (4 heads x 2 x 512 x 2): gates.md §7 "2072 vs 8192 per layer"
+    assert plan.growing_bytes_per_token_all_gpus_unpadded == 9 * 2072 + 8192
+
+
+def test_qwen_hybrid_boundary_protects_first_and_last_two_full_attention_layers():
+    plan = _plan("rtx3090-x1-qwen3.6-27b")
+    assert plan.bf16_full_attention_layers == [3, 7, 59, 63]  # tqstack P6
+    assert plan.turboquant_layers == list(range(11, 56, 4))
+    assert len(plan.linear_attention_layers) == 48
+    assert plan.growing_bytes_per_token_all_gpus_unpadded == 12 * 1048 + 4 * 4096
+    # Gated DeltaNet state: 48 layers x (48x128x128x4 fp32 + 10240 x 3 x 2 bf16 conv) = 48 x 3,207,168
+    assert plan.gdn_state_bytes_per_sequence >= 48 * 3_207_168
+    assert plan.gdn_state_bytes_per_sequence < 48 * 3_207_168 * 1.01
+
+
+def test_qwen_pages_follow_p7_block_3072():
+    plan = _plan("rtx3090-x1-qwen3.6-27b")
+    tq_layer = next(layer for layer in plan.layers if layer.index == 11)
+    bf16_layer = next(layer for layer in plan.layers if layer.index == 3)
+    assert (tq_layer.block_size, tq_layer.page_bytes) == (3072, 1048 * 3072)  # gates.md P7 simulation
+    assert bf16_layer.block_size == 768 and bf16_layer.padded_page_bytes == 1048 * 3072
+
+
+def test_e4b_yoco_cluster_is_skipped_together():
+    plan = _plan("rtx3090-x1-gemma4-e4b")
+    assert plan.turboquant_layers == [5, 11, 17]
+    assert plan.bf16_full_attention_layers == [23]
+    assert plan.shared_kv_layers == list(range(24, 42))
+    layer23 = next(layer for layer in plan.layers if layer.index == 23)
+    assert "YOCO" in layer23.reason
+    tq_layer = next(layer for layer in plan.layers if layer.index == 5)
+    assert tq_layer.block_size == 64  # gates.md P7 + P8 simulation: TurboQuant block 64, 1036 B/token
+
+
+def test_unpatched_report_matches_gemma31b_h200_baseline():
+    """gpu-host.md: unpatched vLLM 0.26, Gemma 4 31B bf16, 65.03 GiB KV -> 77,457 tokens, 2.36x @ 32,768."""
+    h200 = Hardware(name="h200", description="test rig", vendor="nvidia", arch="sm_90", gpu_name="H200",
+                    gpu_count=1, gpu_memory_gib=139.8, interconnect="single", image="x", dockerfile="x",
+                    supported_kv_cache_dtypes=("auto",),
+                    defaults={"gpu_memory_utilization": 0.9, "runtime_overhead_gib": 1.0})
+    plan = tqconfig.plan_capacity(tqconfig.load_model("gemma4-31b"), h200, kv_cache_dtype="auto",
+                                  max_model_len=32_768, gpu_memory_utilization=0.9, tensor_parallel_size=1,
+                                  max_num_seqs=8, max_num_batched_tokens=8192,
+                                  kv_cache_memory_bytes=int(65.03 * GIB))
+    assert plan.reported_bytes_per_token == 901_120  # 10x4x512x4 + 50x16x256x4: every layer at full context
+    assert plan.reported_kv_cache_tokens == pytest.approx(77_457, rel=1e-3)
+    assert plan.reported_max_concurrency == pytest.approx(2.36, abs=0.01)
+    # window-bounded (patched) sizing: 5 groups of 10 sliding layers hold cdiv(1023 + 8192, 16) + 1 blocks,
+    # the full-attention group cdiv(32768, 32) blocks; one block id = 10 layers x 262,144 B pages
+    blocks_per_request = 5 * (math.ceil((1023 + 8192) / 16) + 1) + 32_768 // 32
+    num_blocks = int(65.03 * GIB) // (10 * 262_144)
+    assert plan.max_concurrency == pytest.approx(num_blocks / blocks_per_request)
+    assert plan.max_concurrency > 2.5 * plan.reported_max_concurrency
+
+
+def test_sliding_window_bytes_are_bounded_by_window_plus_chunk():
+    plan = _plan("rtx5060ti-x4-gemma4-31b")
+    # per GPU: 50 layers x (cdiv(1023 + 2048, 16) + 1 blocks) x padded page
+    blocks = math.ceil((1024 - 1 + 2048) / 16) + 1
+    assert plan.sliding_bytes_per_sequence == 50 * blocks * plan.page_bytes
+    assert plan.page_padding_fraction < 0.02  # gates.md: bf16 pages padded ~1.2%
+
+
+@pytest.mark.parametrize("stack", tqconfig.list_stacks())
+def test_every_stack_fits_its_card(stack):
+    plan = _plan(stack)
+    assert plan.fits, plan.reasons
+    assert plan.max_concurrency >= 1.0
+    assert plan.kv_cache_tokens >= plan.max_model_len
+
+
+def test_rtx3090_single_card_serves_qwen_at_96k_or_more_with_turboquant():
+    s = tqconfig.load_stack("rtx3090-x1-qwen3.6-27b")
+    assert s.serving.kv_cache_dtype.startswith("turboquant_") and s.serving.max_model_len >= 96 * 1024
+    assert s.plan().fits
+
+
+def test_turboquant_is_what_makes_native_context_fit_on_5060ti_gemma():
+    s = tqconfig.load_stack("rtx5060ti-x4-gemma4-31b")
+    assert s.serving.max_model_len == 262_144
+    assert s.plan().fits
+    bf16 = s.plan(kv_cache_dtype="auto")
+    assert not bf16.fits and "needs" in bf16.reasons[0]
+
+
+def test_not_fitting_is_reported_with_reason():
+    plan = _plan("rtx3090-x1-qwen3.6-27b", kv_cache_dtype="auto", max_model_len=262_144)
+    assert not plan.fits
+    assert any("262,144-token request needs" in r for r in plan.reasons)
+
+
+def test_context_beyond_model_positions_does_not_fit():
+    plan = _plan("rtx3090-x1-gemma4-e4b", max_model_len=262_144)
+    assert not plan.fits and any("131,072 positions" in r for r in plan.reasons)
+
+
+def test_turboquant_k8v4_refused_on_rtx3090_by_planner():
+    with pytest.raises(tqconfig.KvCacheDtypeRefused, match=r"turboquant_k8v4.*refused on rtx3090-x1.*sm_86"):
+        _plan("rtx3090-x1-qwen3.6-27b", kv_cache_dtype="turboquant_k8v4")
+
+
+@pytest.mark.parametrize("stack", ["rtx5060ti-x4-gemma4-31b", "rtx3090-x2-qwen3.6-27b", "rtx3090-x1-gemma4-e4b"])
+def test_turboquant_holds_at_least_twice_the_bf16_tokens(stack):
+    # not the textbook 3.9x: boundary layers, sliding windows, DeltaNet state and page padding stay
+    bf16 = _plan(stack, kv_cache_dtype="auto").kv_cache_tokens
+    assert _plan(stack, kv_cache_dtype="turboquant_4bit_nc").kv_cache_tokens > 2 * bf16
+
+
+def test_per_layer_config_spelling_gives_same_architecture(tmp_path):
+    """transformers 5.x writes Gemma 4 full-layer shapes as per_layer_config instead of global_* keys."""
+    source = tqconfig.load_model("gemma4-31b")
+    original = json.loads((architecture_for(source).source and open(architecture_for(source).source).read()))
+    text = original["text_config"]
+    full = [i for i, t in enumerate(text["layer_types"]) if t == "full_attention"]
+    text["per_layer_config"] = {str(i): {"head_dim": 512, "num_key_value_heads": 4} for i in full}
+    for key in ("global_head_dim", "num_global_key_value_heads"):
+        text.pop(key)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(original))
+    converted = load_architecture(path)
+    assert full_attention_bytes_per_token(converted, "auto") == 81_920
+    assert converted.attention_layers == architecture_for(source).attention_layers
+
+
+@pytest.mark.parametrize("name", ["tiny_gemma4", "tiny_qwen3_5", "tiny_qwen3"])
+def test_tiny_fixture_configs_parse(name):
+    from conftest import REPO
+
+    arch = load_architecture(REPO / "tests/fixtures/tiny-configs" / name / "config.json")
+    assert arch.attention_layers and arch.num_layers == len(arch.layer_kinds)
+    assert arch.is_hybrid == (name == "tiny_qwen3_5")
