@@ -1,0 +1,24 @@
+"""Metric definitions printed into every report.md (and kept identical in bench/README.md)."""
+
+GLOSSARY = """\
+| Term | Definition |
+|---|---|
+| TTFT | Time to first token: arrival of the first streamed chunk carrying `choices` minus the moment the request was sent (`vllm bench serve` definition; includes queueing and prefill). |
+| TPOT | Time per output token, per request: (E2EL − TTFT) / (output tokens − 1); requests with one output token have none. Mean/percentiles are over requests. (GuideLLM/AIPerf call this ITL.) |
+| ITL | Inter-chunk latency as `vllm bench serve` reports it: every gap between successive `choices` chunks, pooled over all requests (one sample per chunk, not per token; AIPerf's ICL). |
+| ITL/tok | Token-accurate ITL: each gap between token-bearing chunks divided evenly over the tokens the later chunk carried (token counts from `continuous_usage_stats`), pooled over requests. Equals ITL when every chunk carries one token. |
+| E2EL | End-to-end latency: last `choices` chunk minus send time. |
+| Req/s, OutTok/s | Completed requests and their output tokens divided by the benchmark duration (first send, or the open-loop schedule's start, to the last request's end). Failed requests are excluded from all latencies and token counts but counted in the duration and in `failed`. |
+| p50/p90/p99 | Percentiles with linear interpolation (`numpy.percentile`), computed from raw per-request timestamps (`time.perf_counter_ns`), not from locust's rounded statistics. |
+| ISL / OSL / N / C | Prompt tokens (exact, checked with the server's `/tokenize`), output tokens (forced with `ignore_eos` and `min_tokens`), measured requests, and max requests in flight. Warm-up requests are excluded. |
+| Closed loop | C users; each sends its next request when its previous one finished (`--request-rate inf --max-concurrency C`). |
+| Open loop | Requests arrive at gamma-distributed gaps (shape = burstiness, mean 1/rate; burstiness 1 = Poisson), schedule rescaled to end at N/rate, at most C in flight (`--request-rate R --burstiness B --max-concurrency C`). |
+| KV cache tokens | Tokens the server's KV cache holds: `num_gpu_blocks × block_size` from `/metrics` `vllm:cache_config_info` (the startup log's "GPU KV cache size" divides by the number of KV-cache groups and under-reports hybrid models). |
+| Max concurrency | Requests of max_model_len tokens that fit at once (startup log "Maximum concurrency"). |
+| Predicted | `tqconfig.planner.plan_capacity` for the same stack, dtype and memory settings. |
+| Admitted | Admission probe: largest N concurrent requests of the probe length served with no preemption (`vllm:num_preemptions` unchanged). |
+| GSM8K | lm-evaluation-harness `gsm8k` (5-shot, greedy): strict-match = `#### N` answer, flexible-extract = last number; stderr = binomial standard error, CI = 95 % normal interval. |
+| NIAH pass@total | Needles retrieved / needles asked over the context length × depth grid (Paul Graham essay haystack). |
+| PPL | Perplexity of a fixed corpus from prompt logprobs (exp of the mean negative log-likelihood per token). |
+| vs base | Ratio to the baseline KV dtype's value (capacity and throughput: higher is better; latency: lower is better). |
+"""

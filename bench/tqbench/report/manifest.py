@@ -1,0 +1,92 @@
+"""Provenance of a run: what was measured, on what, with which code (``manifest.json``).
+
+Collected once when a run starts (``run.json``), because ``tqbench report`` may regenerate the
+report on another machine; ``manifest.json`` = that plus server facts and timestamps.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+PATCH_DIR = REPO_ROOT / "patches" / "vllm-0.26.0"
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _run(argv: list[str], cwd: Path | None = None) -> str | None:
+    if shutil.which(argv[0]) is None:
+        return None
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=30, cwd=cwd)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_info() -> dict[str, Any]:
+    commit = _run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT)
+    dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT)
+    return {"commit": commit, "dirty": bool(dirty) if dirty is not None else None}
+
+
+def patch_series_hash(vllm_python: str | None = None) -> dict[str, Any]:
+    """The installed vLLM's ``_tqstack_patches.json`` when reachable, else a hash of patches/vllm-0.26.0/."""
+    if vllm_python:
+        location = _run([vllm_python, "-c", "import importlib.util as u; print(u.find_spec('vllm').submodule_search_locations[0])"])
+        if location and (Path(location) / "_tqstack_patches.json").exists():
+            return {"source": f"{location}/_tqstack_patches.json",
+                    **json.loads((Path(location) / "_tqstack_patches.json").read_text())}
+    if not PATCH_DIR.exists():
+        return {"source": None, "sha256": None}
+    digest = hashlib.sha256()
+    for path in sorted(p for p in PATCH_DIR.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(PATCH_DIR)).encode() + b"\0" + path.read_bytes())
+    return {"source": str(PATCH_DIR.relative_to(REPO_ROOT)), "sha256": digest.hexdigest()}
+
+
+def gpu_info() -> list[dict[str, str]]:
+    gpus = []
+    nvidia = _run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version,pci.bus_id",
+                   "--format=csv,noheader"])
+    for line in (nvidia or "").splitlines():
+        name, memory, driver, bus = (part.strip() for part in line.split(","))
+        gpus.append({"vendor": "nvidia", "name": name, "memory": memory, "driver": driver, "bus_id": bus})
+    xpu = _run(["xpu-smi", "discovery", "--json"])
+    if xpu:
+        try:
+            for device in json.loads(xpu).get("device_list", []):
+                gpus.append({"vendor": "intel", "name": device.get("device_name"),
+                             "memory": device.get("memory_physical_size_byte"), "driver": device.get("driver_version")})
+        except json.JSONDecodeError:
+            pass
+    return gpus
+
+
+def server_version(base_url: str) -> str | None:
+    try:
+        return httpx.get(f"{base_url}/version", timeout=10).json().get("version")
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return None
+
+
+def collect_provenance(vllm_python: str | None = None) -> dict[str, Any]:
+    return {
+        "tqstack": git_info(),
+        "patch_series": patch_series_hash(vllm_python),
+        "image_digest": os.environ.get("TQ_IMAGE_DIGEST"),
+        "gpus": gpu_info(),
+        "client": {"host": platform.node(), "python": platform.python_version(), "platform": platform.platform(),
+                   "cpus": os.cpu_count()},
+    }
