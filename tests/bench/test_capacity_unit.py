@@ -1,0 +1,66 @@
+"""Capacity helpers on hand-built inputs: Prometheus parsing, log parsing, the probe search."""
+from __future__ import annotations
+
+import pytest
+
+from tqbench.capacity import CapacitySettingsError, parse_capacity_settings
+from tqbench.capacity.probe import output_tokens_for, search
+from tqbench.capacity.server_info import (cache_config_info, load_state, parse_prometheus, parse_server_log,
+                                          server_capacity)
+
+METRICS = """\
+# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig
+# TYPE vllm:cache_config_info gauge
+vllm:cache_config_info{block_size="16",cache_dtype="turboquant_4bit_nc",engine="0",num_gpu_blocks="4096"} 1.0
+vllm:num_requests_running{engine="0",model_name="m"} 3.0
+vllm:num_requests_waiting{engine="0",model_name="m"} 1.0
+vllm:num_preemptions_total{engine="0",model_name="m"} 2.0
+vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.5
+"""
+
+
+def test_metrics_parsing():
+    samples = parse_prometheus(METRICS)
+    info = cache_config_info(samples)
+    assert info["num_gpu_blocks"] == "4096" and info["cache_dtype"] == "turboquant_4bit_nc"
+    assert load_state(samples) == {"running": 3.0, "waiting": 1.0, "preemptions": 2.0, "kv_cache_usage": 0.5}
+    assert server_capacity(info, {}, 8192)["kv_cache_tokens"] == 4096 * 16
+    assert server_capacity(info, {}, 8192)["max_concurrency"] == 8.0
+
+
+def test_log_lines_old_and_new_formats(tmp_path):
+    log = tmp_path / "server.log"
+    log.write_text("INFO ... GPU KV cache size: 1,109,742 tokens\n"
+                   "INFO ... Maximum concurrency for 32,768 tokens per request: 33.87x\n"
+                   "INFO ... CPU KV cache size: 8,192 tokens, Maximum concurrency for 4,096 tokens per request: 2.00x\n")
+    parsed = parse_server_log(log)
+    assert parsed["log_kv_cache_tokens"] == 8192 and parsed["log_max_concurrency"] == 2.0  # last boot wins
+    assert parsed["log_kv_device"] == "CPU" and parsed["log_concurrency_len"] == 4096
+    capacity = server_capacity({"num_gpu_blocks": "1", "block_size": "16"}, parsed, 4096)
+    assert capacity["kv_cache_tokens"] == 8192 and capacity["kv_cache_tokens_source"] == "server log"
+
+
+@pytest.mark.parametrize(("limit", "start", "upper"), [(7, 1, 64), (7, 20, 64), (0, 4, 64), (64, 8, 64), (33, 33, 256)])
+def test_search_finds_the_limit_in_few_steps(limit, start, upper):
+    tried = []
+
+    def step(n):
+        tried.append(n)
+        return n <= limit
+
+    admitted, refused = search(step, start, upper, max_steps=16)
+    assert admitted == limit
+    assert refused == (None if limit >= upper else limit + 1)
+    assert len(tried) <= 2 * upper.bit_length() + 1 and len(set(tried)) == len(tried)
+
+
+def test_probe_output_outlasts_prefill():
+    assert output_tokens_for(4, 2048, 16, 4096) == 2 + 16
+    assert output_tokens_for(1000, 1024, 16, 512) == 512  # capped at half the context
+
+
+def test_bad_capacity_settings():
+    with pytest.raises(CapacitySettingsError, match=r"capacity\.probe_context_len"):
+        parse_capacity_settings({"probe_context_len": 10})
+    with pytest.raises(CapacitySettingsError, match="known keys"):
+        parse_capacity_settings({"prob": True})
