@@ -151,6 +151,15 @@ class Stack:
         return self.profile.name
 
     @property
+    def served_model_name(self) -> str:
+        """The name clients send as "model" (--served-model-name)."""
+        return self.model.served_model_name
+
+    @property
+    def compose_file(self) -> Path:
+        return repo_root() / "compose" / f"{self.name}.yaml"
+
+    @property
     def serving(self):
         return self.profile.serving
 

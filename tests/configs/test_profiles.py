@@ -33,6 +33,7 @@ def test_stack_api(name):
     if stack.hardware.gpu_count > 1:
         assert env["NCCL_P2P_DISABLE"] == "1" and "--disable-custom-all-reduce" in argv
     assert isinstance(stack.model, tqconfig.ModelProfile) and isinstance(stack.hardware, tqconfig.Hardware)
+    assert stack.served_model_name == stack.model.served_model_name and stack.compose_file.is_file()
 
 
 def test_serve_args_overrides():
