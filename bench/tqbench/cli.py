@@ -1,8 +1,6 @@
 """``tqbench``: run the capacity / quality / latency matrix and build its report."""
 from __future__ import annotations
 
-import shutil
-import subprocess
 from datetime import datetime
 from pathlib import Path
 from typing import Optional
@@ -21,15 +19,6 @@ def _split(value: Optional[str]) -> list[str]:
 def _fail(message: str, code: int = 2) -> None:
     console.print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(code)
-
-
-def _docker_engine_available() -> bool:
-    if shutil.which("docker") is None:
-        return False
-    try:
-        return subprocess.run(["docker", "info"], capture_output=True, timeout=20).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
 
 
 @app.command()
@@ -99,10 +88,7 @@ def run(
             target = command_template_target(launch_cmd, base_url, model, host, port, timeout, api_key)
             extra.update(model=model, base_url=base_url)
         else:
-            mode = launcher
-            if mode == "auto":
-                mode = "compose" if compose_file and _docker_engine_available() else "local"
-            target = stack_target(stack, launcher=mode, host=host, port=port, health_timeout_s=timeout,
+            target = stack_target(stack, launcher=launcher, host=host, port=port, health_timeout_s=timeout,
                                   vllm_bin=vllm_bin, python=vllm_python, compose_file=compose_file,
                                   max_model_len=bench.server.max_model_len, extra_args=bench.server.extra_args)
             extra.update(model=target.model, base_url=target.base_url, stack=stack)

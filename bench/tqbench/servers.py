@@ -105,6 +105,7 @@ class Target:
     """Where the benchmark gets a server for each KV dtype."""
 
     description = ""
+    stack = None  # the tqconfig Stack when the target serves one from configs/
 
     def serve(self, kv_cache_dtype: str, log_path: Path) -> contextlib.AbstractContextManager[ServerHandle]:
         raise NotImplementedError
@@ -138,16 +139,25 @@ class LaunchTarget(Target):
     env: dict[str, str] = field(default_factory=dict)
     health_timeout_s: float = 1800
     api_key: str | None = None
+    label: str | None = None
 
     @property
     def description(self) -> str:
-        return f"local launch: {shlex.join(self.argv_for('<kv_cache_dtype>'))}"
+        if self.label:
+            return self.label
+        try:
+            return f"local launch: {shlex.join(self.argv_for('<kv_cache_dtype>'))}"
+        except Exception:
+            return "local launch"
 
     @contextlib.contextmanager
     def serve(self, kv_cache_dtype: str, log_path: Path) -> Iterator[ServerHandle]:
         if is_healthy(self.base_url, timeout_s=3):
             raise ServerError(f"something already answers at {self.base_url}; stop it or choose another --port")
-        argv = self.argv_for(kv_cache_dtype)
+        try:
+            argv = self.argv_for(kv_cache_dtype)
+        except Exception as exc:  # e.g. the stack refuses this dtype on its hardware
+            raise ServerError(f"cannot build the server command for {kv_cache_dtype}: {exc}") from None
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log:
             log.write(f"$ {shlex.join(argv)}\n".encode())
@@ -245,14 +255,22 @@ def stack_target(stack_name: str, *, launcher: str, host: str, port: int, health
     except Exception as exc:
         raise ServerError(f"--stack {stack_name!r}: {exc}") from None
     base_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
-    model = str(getattr(stack, "served_model_name", None) or getattr(stack, "model", stack_name))
+    model = str(getattr(stack, "served_model_name", None) or stack_name)
     environment = dict(stack.environment()) if hasattr(stack, "environment") else {}
+    compose_file = compose_file or getattr(stack, "compose_file", None)
+    if launcher == "auto":
+        launcher = "compose" if compose_file and Path(compose_file).exists() and docker_engine_available() else "local"
     if launcher == "compose":
-        if compose_file is None:
-            raise ServerError("--launcher compose needs --compose-file (the stack's compose.yaml)")
-        return ComposeTarget(compose_file, base_url, model, environment, health_timeout_s)
+        if compose_file is None or not Path(compose_file).exists():
+            raise ServerError(f"--launcher compose needs the stack's compose file (not found: {compose_file}); "
+                              "run `make compose` or pass --compose-file")
+        compose_env = {"TQ_PORT": str(port), **({"TQ_MAX_MODEL_LEN": str(max_model_len)} if max_model_len else {})}
+        target = ComposeTarget(Path(compose_file), base_url, model, compose_env, health_timeout_s,
+                               project=f"tqbench-{stack_name}")
+        target.stack = stack
+        return target
     if launcher != "local":
-        raise ServerError(f"--launcher {launcher!r} is not valid; use 'local' or 'compose'")
+        raise ServerError(f"--launcher {launcher!r} is not valid; use 'auto', 'local' or 'compose'")
     if python:
         prefix = [python, "-m", "vllm.entrypoints.cli.main", "serve"]
     else:
@@ -265,4 +283,16 @@ def stack_target(stack_name: str, *, launcher: str, host: str, port: int, health
         args = stack.serve_args(kv_cache_dtype=kv_cache_dtype, max_model_len=max_model_len)
         return [*prefix, *args, "--host", host, "--port", str(port), *(extra_args or [])]
 
-    return LaunchTarget(argv_for, base_url, model, environment, health_timeout_s)
+    target = LaunchTarget(argv_for, base_url, model, environment, health_timeout_s,
+                          label=f"stack {stack_name}: {shlex.join(prefix)} <stack args> on port {port}")
+    target.stack = stack  # parts (capacity planner) read the stack from CellContext.stack
+    return target
+
+
+def docker_engine_available() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
