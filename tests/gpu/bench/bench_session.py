@@ -20,15 +20,12 @@ Every step gets what is left of ``--budget-s``; a step cut short is redone by th
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import json
 import math
 import os
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -39,6 +36,10 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
+sys.path.insert(0, str(REPO / "tests" / "gpu" / "stacks"))
+
+import prepare_model  # noqa: E402
+from hostproc import free_port, stop, wait_gpu_free  # noqa: E402
 CONFIG = HERE / "gpu-bench.yaml"
 HF_CONFIG = "qwen3.6-27b"
 SERVED_NAME = "qwen3.6-27b"
@@ -94,12 +95,6 @@ def vllm_bench_argv(python: str, scenario: dict, *, base_url: str, tokenizer: Pa
     return argv
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def healthy(base_url: str) -> bool:
     import httpx
 
@@ -107,19 +102,6 @@ def healthy(base_url: str) -> bool:
         return httpx.get(f"{base_url}/health", timeout=5).status_code == 200
     except httpx.HTTPError:
         return False
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=40)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=20)
 
 
 def run_step(argv: list[str], *, env: dict, timeout: float, log_path: Path) -> int | None:
@@ -197,9 +179,6 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = args.state / name_file.read_text().strip()
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
 
-    sys.path.insert(0, str(REPO / "tests" / "gpu" / "stacks"))
-    import prepare_model
-
     model_dir = prepare_model.prepare(args.hf_config, args.state / "model")
     python = sys.executable
     flashinfer = (args.site / "flashinfer").exists()
@@ -257,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                     status = status or (0 if rc == 0 else 1)
             finally:
                 stop(server)
+                wait_gpu_free()
         if (run_dir / "latency.csv").exists():
             subprocess.run([python, str(HERE / "fidelity.py"), str(run_dir)], env=client_env, cwd=REPO, check=False)
     finally:

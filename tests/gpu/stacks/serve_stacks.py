@@ -35,8 +35,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -48,6 +46,7 @@ REPO = Path(__file__).resolve().parents[3]
 sys.path[:0] = [str(REPO / "configs"), str(Path(__file__).resolve().parent)]
 
 import prepare_model  # noqa: E402
+from hostproc import free_port, stop, wait_gpu_free  # noqa: E402
 import tqconfig  # noqa: E402
 
 LOG_COPY_BYTES = 8 * 1024 * 1024  # $OUT takes files up to 16 MiB; keep the log's end
@@ -197,25 +196,6 @@ def host_gpus() -> tuple[int, str]:
     return len(names), short + (f"x{len(names)}" if len(names) > 1 else "")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=40)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=20)
-
-
 def streamed_completion(base_url: str, model: str) -> dict[str, Any]:
     import httpx
 
@@ -256,9 +236,8 @@ def serve_and_check(plan: RunPlan, site: Path, log_path: Path, health_timeout_s:
     try:
         while time.monotonic() - started < health_timeout_s and process.poll() is None:
             with contextlib.suppress(httpx.HTTPError):
-                status = httpx.get(f"{base_url}/health", timeout=5).status_code
-                if status == 200:
-                    record["health_status"] = 200
+                record["health_status"] = httpx.get(f"{base_url}/health", timeout=5).status_code
+                if record["health_status"] == 200:
                     break
             time.sleep(3)
         record["startup_s"] = round(time.monotonic() - started, 1)
@@ -275,6 +254,7 @@ def serve_and_check(plan: RunPlan, site: Path, log_path: Path, health_timeout_s:
         return record
     finally:
         stop(process)
+        record["gpu_freed"] = wait_gpu_free()
         record["log_facts"] = parse_server_log(log_path.read_text(errors="replace"))
 
 
