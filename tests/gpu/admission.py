@@ -1,0 +1,197 @@
+"""Admission probe: how many concurrent 32K-token requests a started engine holds without preemption.
+
+Two modes, both against a real, started `vllm.LLM` (in-process engine core,
+VLLM_ENABLE_V1_MULTIPROCESSING=0):
+
+* ``manager`` (default, seconds): build fresh instances of vLLM's own ``KVCacheManager``
+  from the engine's real ``KVCacheConfig`` (same block pool size, same groups and specs,
+  same block sizes) and drive N synthetic requests of ``context_len`` tokens through it in
+  chunked-prefill steps of ``max_num_batched_tokens`` as the V1 scheduler does: running
+  requests first, then new ones FCFS. vLLM's sliding-window / Mamba managers free
+  out-of-window blocks on each allocation exactly as in serving. N is admitted when every
+  allocation succeeds and all N requests end up holding their full context at once. The
+  largest N is found by doubling, then bisection. No GPU memory is touched.
+* ``engine`` (confirmation, minutes on big models): submit N real requests with distinct
+  random prompts of ``context_len - decode_tokens`` tokens and ``max_tokens=decode_tokens``
+  (enough decode steps that the first request is still running when the last finishes
+  its prefill), count preemptions by wrapping the scheduler's ``_preempt_request`` and
+  record the peak size of the running queue. Admitted when preemptions == 0 and
+  peak running == N.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from typing import Any
+
+
+def _engine_core(llm):
+    client = llm.llm_engine.engine_core
+    core = getattr(client, "engine_core", None)
+    if core is None:
+        raise RuntimeError(
+            "admission probe needs the in-process engine core: set VLLM_ENABLE_V1_MULTIPROCESSING=0"
+        )
+    return core
+
+
+def _fresh_manager(scheduler, vllm_config):
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+
+    return KVCacheManager(
+        kv_cache_config=scheduler.kv_cache_config,
+        max_model_len=vllm_config.model_config.max_model_len,
+        scheduler_block_size=scheduler.block_size,
+        hash_block_size=scheduler.hash_block_size,
+        max_in_flight_tokens=getattr(vllm_config, "max_in_flight_tokens", None),
+        enable_caching=False,  # synthetic prompts must not share prefix blocks
+        watermark=getattr(vllm_config.scheduler_config, "watermark", 0.0),
+    )
+
+
+def _synthetic_request(index: int, num_tokens: int):
+    from vllm import SamplingParams
+    from vllm.v1.request import Request
+
+    return Request(
+        request_id=f"admission-{index}",
+        prompt_token_ids=[1 + (index + t) % 1000 for t in range(num_tokens)],
+        sampling_params=SamplingParams(max_tokens=1),
+        pooling_params=None,
+    )
+
+
+def fits_in_manager(scheduler, vllm_config, num_requests: int, context_len: int) -> tuple[bool, dict]:
+    """Drive `num_requests` requests of `context_len` tokens through a fresh KVCacheManager."""
+    from vllm.v1.request import RequestStatus
+
+    manager = _fresh_manager(scheduler, vllm_config)
+    token_budget_per_step = vllm_config.scheduler_config.max_num_batched_tokens
+    reserve_full_sequence = bool(getattr(scheduler, "scheduler_reserve_full_isl", False))
+    waiting = [_synthetic_request(i, context_len) for i in range(num_requests)]
+    running: list = []
+    steps = 0
+    while waiting or any(r.num_computed_tokens < context_len for r in running):
+        steps += 1
+        budget = token_budget_per_step
+        for request in running:
+            remaining = context_len - request.num_computed_tokens
+            if remaining == 0:
+                # A finished prefill would decode now; its next allocation first trims
+                # blocks that fell out of the window, which is what we apply here.
+                manager.remove_skipped_blocks(
+                    request.request_id, request.num_computed_tokens, request.num_prompt_tokens
+                )
+                continue
+            if budget == 0:
+                continue
+            chunk = min(remaining, budget)
+            if manager.allocate_slots(request, chunk) is None:
+                return False, {"failed_at_step": steps, "failed_request": request.request_id}
+            request.num_computed_tokens += chunk
+            budget -= chunk
+        while budget > 0 and waiting:
+            request = waiting.pop(0)
+            chunk = min(context_len, budget)
+            blocks = manager.allocate_slots(
+                request, chunk, full_sequence_must_fit=reserve_full_sequence, has_scheduled_reqs=bool(running)
+            )
+            if blocks is None:
+                return False, {"failed_at_step": steps, "failed_request": request.request_id, "at_admission": True}
+            request.status = RequestStatus.RUNNING
+            request.num_computed_tokens += chunk
+            budget -= chunk
+            running.append(request)
+    for request in running:
+        manager.remove_skipped_blocks(request.request_id, request.num_computed_tokens, request.num_prompt_tokens)
+    pool = manager.block_pool
+    used_blocks = pool.num_gpu_blocks - pool.get_num_free_blocks()
+    return True, {"steps": steps, "used_blocks": used_blocks, "num_blocks": pool.num_gpu_blocks}
+
+
+def probe_manager(llm, context_len: int = 32768, max_requests: int = 4096) -> dict[str, Any]:
+    core = _engine_core(llm)
+    scheduler = core.scheduler
+    vllm_config = llm.llm_engine.vllm_config
+    t0 = time.time()
+    ok, one = fits_in_manager(scheduler, vllm_config, 1, context_len)
+    if not ok:
+        return {"admitted_32k": 0, "admission_mode": "manager", "probe_s": round(time.time() - t0, 1)}
+    low, high = 1, 2  # low fits; find a high that does not
+    while high <= max_requests and fits_in_manager(scheduler, vllm_config, high, context_len)[0]:
+        low, high = high, high * 2
+    high = min(high, max_requests + 1)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if fits_in_manager(scheduler, vllm_config, middle, context_len)[0]:
+            low = middle
+        else:
+            high = middle
+    return {
+        "admitted_32k": low,
+        "admission_mode": "manager",
+        "admission_context_len": context_len,
+        "blocks_per_request": one["used_blocks"],  # steady-state blocks one full-context request holds
+        "num_blocks": one["num_blocks"],
+        "probe_s": round(time.time() - t0, 1),
+    }
+
+
+def run_engine(llm, num_requests: int, context_len: int = 32768, seed: int = 0) -> dict[str, Any]:
+    """Real requests; returns preemptions and peak running for `num_requests`."""
+    from vllm import SamplingParams
+
+    core = _engine_core(llm)
+    scheduler = core.scheduler
+    vllm_config = llm.llm_engine.vllm_config
+    budget = vllm_config.scheduler_config.max_num_batched_tokens
+    # Keep every request alive until the last prefill is done: one decode step per step.
+    decode_tokens = min(context_len // 4, math.ceil(num_requests * context_len / budget) + 8)
+    prompt_len = context_len - decode_tokens
+    rng = random.Random(seed)
+    vocab = vllm_config.model_config.get_vocab_size()
+    prompts = [{"prompt_token_ids": [rng.randrange(10, vocab) for _ in range(prompt_len)]} for _ in range(num_requests)]
+
+    stats = {"preemptions": 0, "peak_running": 0}
+    original_preempt, original_schedule = scheduler._preempt_request, scheduler.schedule
+
+    def counting_preempt(*args, **kwargs):
+        stats["preemptions"] += 1
+        return original_preempt(*args, **kwargs)
+
+    def tracking_schedule(*args, **kwargs):
+        output = original_schedule(*args, **kwargs)
+        stats["peak_running"] = max(stats["peak_running"], len(scheduler.running))
+        return output
+
+    scheduler._preempt_request, scheduler.schedule = counting_preempt, tracking_schedule
+    t0 = time.time()
+    try:
+        outputs = llm.generate(
+            prompts, SamplingParams(max_tokens=decode_tokens, ignore_eos=True, temperature=0.0), use_tqdm=False
+        )
+    finally:
+        scheduler._preempt_request, scheduler.schedule = original_preempt, original_schedule
+    generated = [len(o.outputs[0].token_ids) for o in outputs]
+    return {
+        "requests": num_requests,
+        "prompt_len": prompt_len,
+        "decode_tokens": decode_tokens,
+        "all_completed": all(g == decode_tokens for g in generated),
+        "elapsed_s": round(time.time() - t0, 1),
+        **stats,
+        "admitted": stats["preemptions"] == 0 and stats["peak_running"] == num_requests,
+    }
+
+
+def probe_engine(llm, expected: int, context_len: int = 32768) -> dict[str, Any]:
+    """Confirm the manager's N: N must run without preemption, N + 1 must not all fit."""
+    at_n = run_engine(llm, expected, context_len)
+    at_n_plus_1 = run_engine(llm, expected + 1, context_len, seed=1)
+    return {
+        "admission_mode": "engine",
+        "engine_at_n": at_n,
+        "engine_at_n_plus_1": at_n_plus_1,
+        "engine_confirms": at_n["admitted"] and not at_n_plus_1["admitted"],
+    }
