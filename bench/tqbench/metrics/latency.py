@@ -21,7 +21,7 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
-from tqbench.records import read_jsonl
+from tqbench.records import is_done, read_jsonl
 
 PERCENTILES = (50, 90, 99)
 LATENCY_METRICS = ("ttft", "tpot", "itl", "e2el", "itl_token")
@@ -114,9 +114,11 @@ def load_records(scenario_dir: Path) -> list[dict[str, Any]]:
 
 
 def summarize(run_dir: Path) -> pd.DataFrame:
-    """One row per (kv_cache_dtype, scenario) that has raw latency records."""
+    """One row per finished (DONE) (kv_cache_dtype, scenario); unfinished ones stay raw only."""
     rows = []
     for dtype, scenario_dir in scenario_dirs(run_dir):
+        if not is_done(scenario_dir):
+            continue
         spec = json.loads((scenario_dir / "scenario.json").read_text())
         records = load_records(scenario_dir)
         if not any(not r.get("warmup") for r in records):
