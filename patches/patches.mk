@@ -18,7 +18,8 @@ VLLM_TREES := $(BUILD)/vllm-$(VLLM_VERSION)
 VLLM_PRISTINE := $(VLLM_TREES)/pristine
 VLLM_PATCHED := $(VLLM_TREES)/patched
 VLLM_OLD_TREE := $(BUILD)/vllm-$(VLLM_OLD_VERSION)/pristine
-SERIES_DIR := patches/vllm-$(VLLM_VERSION)
+# Override (make patches-check SERIES_DIR=...) to try a work-in-progress copy of the series.
+SERIES_DIR ?= patches/vllm-$(VLLM_VERSION)
 SERIES_INPUTS := $(SERIES_DIR)/series $(wildcard $(SERIES_DIR)/*.patch) patches/apply
 VLLM_VENV := $(ROOT)/.venv-vllm
 VLLM_VPY := $(VLLM_VENV)/bin/python
@@ -47,13 +48,18 @@ $(VLLM_OLD_TREE)/.unpacked: $(WHEEL_CACHE)/$(VLLM_OLD_WHEEL) patches/unpack_whee
 		vllm-$(VLLM_OLD_VERSION).dist-info/ vllm/__init__.py vllm/_version.py
 	touch $@
 
-$(VLLM_PATCHED)/.applied: $(VLLM_PRISTINE)/.unpacked $(SERIES_INPUTS)
+# Remembers which series dir the patched tree was made from, so switching SERIES_DIR re-patches.
+$(VLLM_TREES)/.series-dir: patches-force
+	@mkdir -p $(@D)
+	@echo '$(abspath $(SERIES_DIR))' | cmp -s - $@ || echo '$(abspath $(SERIES_DIR))' > $@
+
+$(VLLM_PATCHED)/.applied: $(VLLM_PRISTINE)/.unpacked $(SERIES_INPUTS) $(VLLM_TREES)/.series-dir
 	rm -rf $(VLLM_PATCHED)
 	cp -a $(VLLM_PRISTINE) $(VLLM_PATCHED)
 	rm -f $(VLLM_PATCHED)/.unpacked
-	$(PYTHON) patches/apply --check --quiet $(VLLM_PRISTINE)
-	$(PYTHON) patches/apply $(VLLM_PATCHED)
-	$(PYTHON) patches/apply --verify $(VLLM_PATCHED)
+	$(PYTHON) patches/apply --series $(SERIES_DIR) --check --quiet $(VLLM_PRISTINE)
+	$(PYTHON) patches/apply --series $(SERIES_DIR) $(VLLM_PATCHED)
+	$(PYTHON) patches/apply --series $(SERIES_DIR) --verify $(VLLM_PATCHED)
 	touch $@
 
 # Exact pins; --no-deps keeps pip from resolving anything else (e.g. a CUDA torch from PyPI).
@@ -67,10 +73,13 @@ $(VLLM_VENV)/.installed: patches/cpu-test-requirements.txt
 	$(VLLM_VPY) -m pip check >> $(PATCHES_LOG) 2>&1 || { tail -30 $(PATCHES_LOG); exit 1; }
 	touch $@
 
-.PHONY: patches-check patches-trees
+.PHONY: patches-check patches-trees patches-pristine patches-force
+patches-force:
+# patches-pristine: just the unpacked wheel (what --refresh-hashes needs, even when the series is broken)
+patches-pristine: $(VLLM_PRISTINE)/.unpacked
 patches-trees: $(VLLM_PATCHED)/.applied $(VLLM_OLD_TREE)/.unpacked
 
 patches-check: patches-trees $(VLLM_VENV)/.installed
 	TQ_VLLM_PRISTINE=$(VLLM_PRISTINE) TQ_VLLM_PATCHED=$(VLLM_PATCHED) \
-	TQ_VLLM_OLD_TREE=$(VLLM_OLD_TREE) TQ_VLLM_PYTHON=$(VLLM_VPY) \
+	TQ_VLLM_OLD_TREE=$(VLLM_OLD_TREE) TQ_VLLM_PYTHON=$(VLLM_VPY) TQ_VLLM_SERIES=$(abspath $(SERIES_DIR)) \
 		$(VLLM_VPY) -m pytest -q tests/patches

@@ -10,8 +10,9 @@ vllm). A test runs real vLLM code from either tree in a subprocess:
         code = "import json, vllm; print(json.dumps({'version': vllm.__version__}))"
         assert run_in_vllm(patched_tree, code).json()["version"] == "0.26.0"
 
-Environment (set by make): TQ_VLLM_PRISTINE, TQ_VLLM_PATCHED, TQ_VLLM_OLD_TREE (a vLLM 0.25.1
-dist-info for the version-refusal test), TQ_VLLM_PYTHON (defaults to .venv-vllm/bin/python).
+Environment (set by make): TQ_VLLM_PRISTINE, TQ_VLLM_PATCHED, TQ_VLLM_SERIES (the series
+applied), TQ_VLLM_OLD_TREE (a vLLM 0.25.1 dist-info for the version-refusal test), TQ_VLLM_PYTHON
+(defaults to .venv-vllm/bin/python).
 """
 from __future__ import annotations
 
