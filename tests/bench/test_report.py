@@ -78,7 +78,7 @@ def test_manifest_provenance(latency_run):
     assert manifest["model"] == "tiny-qwen3" and manifest["config"]["name"] == "ci"
     assert manifest["vllm_version"]  # from the server's /version
     assert len(manifest["tqstack"]["commit"]) == 40
-    assert len(manifest["patch_series"]["sha256"] or "") == 64 or manifest["patch_series"]["source"]
+    assert len(manifest["patch_series"]["series_sha256"]) == 64  # same digest patches/apply writes
     assert manifest["servers"]["auto"]["cache_config_info"]["block_size"] == "128"
     assert manifest["rows"]["latency"] == 2 and isinstance(manifest["gpus"], list)
 

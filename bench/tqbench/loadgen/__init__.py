@@ -75,7 +75,9 @@ def run_scenario(ctx: CellContext, settings, scenario, prompts_file: Path, scena
     spec = {
         "base_url": ctx.endpoint.base_url, "model": ctx.endpoint.model, "api_key": ctx.endpoint.api_key,
         "kv_cache_dtype": ctx.kv_cache_dtype, "scenario": scenario.model_dump(), "seed": ctx.seed,
-        "prompts_file": str(prompts_file), "num_warmups": settings.num_warmups, "workers": settings.workers,
+        "prompts_file": str(prompts_file), "num_warmups": settings.num_warmups,
+        # a worker without users would never finish its share of the prompts
+        "workers": min(settings.workers, scenario.concurrency),
         "request_timeout_s": settings.request_timeout_s, "temperature": settings.temperature,
         "master_port": _free_port(),
     }

@@ -72,10 +72,13 @@ class ServerTokenizer:
 
 def _corpus_tokens(tokenizer: ServerTokenizer, text: str, piece_chars: int = 8000) -> list[int]:
     # Tokenised in pieces: one huge request can exceed server limits; the pieces only feed windows.
-    tokens: list[int] = []
-    for start in range(0, len(text), piece_chars):
-        tokens.extend(tokenizer.encode(text[start : start + piece_chars], add_special_tokens=False))
-    return tokens
+    cache = tokenizer.__dict__.setdefault("_corpus_cache", {})
+    if text not in cache:
+        tokens: list[int] = []
+        for start in range(0, len(text), piece_chars):
+            tokens.extend(tokenizer.encode(text[start : start + piece_chars], add_special_tokens=False))
+        cache[text] = tokens
+    return cache[text]
 
 
 def build_prompts(

@@ -247,7 +247,7 @@ def build_report(run_dir: Path) -> Path:
         f"- target: {run_info.get('target', '?')}",
         f"- started: {run_info.get('started', '?')}; report generated: {now_iso()}",
         f"- tqstack commit: {(provenance.get('tqstack') or {}).get('commit')}; patch series: "
-        f"{(provenance.get('patch_series') or {}).get('sha256') or (provenance.get('patch_series') or {}).get('series_sha256')}",
+        f"{(provenance.get('patch_series') or {}).get('series_sha256')}",
         f"- GPUs: {', '.join(g.get('name') or '?' for g in provenance.get('gpus') or []) or 'none detected on the client'}",
         f"- KV dtypes: {', '.join(order)}; baseline: `{_baseline(run_info, order)}`",
         "",

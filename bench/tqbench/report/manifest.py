@@ -41,19 +41,25 @@ def git_info() -> dict[str, Any]:
     return {"commit": commit, "dirty": bool(dirty) if dirty is not None else None}
 
 
-def patch_series_hash(vllm_python: str | None = None) -> dict[str, Any]:
+def patch_series_hash(vllm_python: str | None = None, series_dir: Path = PATCH_DIR) -> dict[str, Any]:
     """The installed vLLM's ``_tqstack_patches.json`` when reachable, else a hash of patches/vllm-0.26.0/."""
     if vllm_python:
         location = _run([vllm_python, "-c", "import importlib.util as u; print(u.find_spec('vllm').submodule_search_locations[0])"])
         if location and (Path(location) / "_tqstack_patches.json").exists():
             return {"source": f"{location}/_tqstack_patches.json",
                     **json.loads((Path(location) / "_tqstack_patches.json").read_text())}
-    if not PATCH_DIR.exists():
-        return {"source": None, "sha256": None}
+    series_file = series_dir / "series"
+    if not series_file.exists():
+        return {"source": None, "series_sha256": None}
+    # Same digest as patches/apply writes into the marker: 'series' then each listed patch, name + NUL + bytes.
+    names = [line.split("#", 1)[0].strip() for line in series_file.read_text().splitlines()]
+    names = [n for n in names if n]
     digest = hashlib.sha256()
-    for path in sorted(p for p in PATCH_DIR.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(PATCH_DIR)).encode() + b"\0" + path.read_bytes())
-    return {"source": str(PATCH_DIR.relative_to(REPO_ROOT)), "sha256": digest.hexdigest()}
+    for name in ["series", *names]:
+        path = series_dir / name
+        digest.update(name.encode() + b"\0" + (path.read_bytes() if path.exists() else b""))
+    return {"source": str(series_dir), "series": series_dir.name, "patches": names,
+            "series_sha256": digest.hexdigest()}
 
 
 def gpu_info() -> list[dict[str, str]]:
