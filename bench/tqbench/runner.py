@@ -102,12 +102,14 @@ def write_run_info(run_dir: Path, config, target: Target, extra: dict[str, Any])
     path.write_text(json.dumps(info, indent=1, default=str))
 
 
-def _save_server_facts(run_dir: Path, kv_cache_dtype: str, base_url: str, log_path: Path | None) -> None:
+def _save_server_facts(run_dir: Path, kv_cache_dtype: str, base_url: str, log_path: Path | None,
+                       image_digests: list[str] | None = None) -> None:
     path = run_dir / "raw" / "server" / f"{kv_cache_dtype}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({
         "kv_cache_dtype": kv_cache_dtype, "vllm_version": server_version(base_url),
         "cache_config_info": served_cache_config(base_url), "server_log": str(log_path) if log_path else None,
+        "image_digests": image_digests or [],
         "time": now_iso(),
     }, indent=1))
 
@@ -133,7 +135,7 @@ def run_matrix(config, target: Target, run_dir: Path, *, extra_info: dict[str, A
             log_path = run_dir / "logs" / f"server-{dtype}.log"
             try:
                 with target.serve(dtype, log_path) as handle:
-                    _save_server_facts(run_dir, dtype, handle.endpoint.base_url, handle.log_path)
+                    _save_server_facts(run_dir, dtype, handle.endpoint.base_url, handle.log_path, handle.image_digests)
                     for part in pending:
                         progress.set_postfix_str(f"{dtype} / {part}")
                         ctx = CellContext(handle.endpoint, dtype, part, run_dir, settings=config.part_settings(part),

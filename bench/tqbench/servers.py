@@ -38,6 +38,7 @@ class ServerHandle:
     endpoint: Endpoint
     log_path: Path | None = None
     process: subprocess.Popen | None = None
+    image_digests: list[str] = field(default_factory=list)  # compose: image ids of the running containers
 
     def alive(self) -> bool:
         if self.process is not None and self.process.poll() is not None:
@@ -210,6 +211,15 @@ class ComposeTarget(Target):
         argv = ["docker", "compose", "-f", str(self.compose_file), "-p", self.project, *args]
         return subprocess.run(argv, env=env, **kwargs)
 
+    def _image_ids(self, kv_cache_dtype: str) -> list[str]:
+        ps = self._compose("ps", "-q", kv_cache_dtype=kv_cache_dtype, capture_output=True, text=True)
+        containers = ps.stdout.split() if ps.returncode == 0 else []
+        if not containers:
+            return []
+        inspect = subprocess.run(["docker", "inspect", "--format", "{{.Image}}", *containers],
+                                 capture_output=True, text=True)
+        return sorted(set(inspect.stdout.split())) if inspect.returncode == 0 else []
+
     @contextlib.contextmanager
     def serve(self, kv_cache_dtype: str, log_path: Path) -> Iterator[ServerHandle]:
         if shutil.which("docker") is None:
@@ -221,7 +231,7 @@ class ComposeTarget(Target):
             wait_for_health(self.base_url, self.health_timeout_s)
             endpoint = Endpoint(self.base_url, self.model, self.api_key)
             check_endpoint(endpoint)
-            yield ServerHandle(endpoint, log_path)
+            yield ServerHandle(endpoint, log_path, image_digests=self._image_ids(kv_cache_dtype))
         finally:
             log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(log_path, "ab") as log:

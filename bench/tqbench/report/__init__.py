@@ -179,6 +179,7 @@ def latency_section(frame: pd.DataFrame | None, why: str | None, run_info: dict,
 def _manifest(run_dir: Path, run_info: dict, frames: dict[str, pd.DataFrame | None]) -> dict[str, Any]:
     servers = {p.stem: json.loads(p.read_text()) for p in sorted((run_dir / "raw" / "server").glob("*.json"))}
     versions = sorted({s.get("vllm_version") for s in servers.values() if s.get("vllm_version")})
+    digests = sorted({d for s in servers.values() for d in s.get("image_digests") or []})
     return {
         "generated": now_iso(),
         "started": run_info.get("started"),
@@ -187,6 +188,8 @@ def _manifest(run_dir: Path, run_info: dict, frames: dict[str, pd.DataFrame | No
         "stack": run_info.get("stack"),
         "vllm_version": versions[0] if len(versions) == 1 else versions or None,
         **(run_info.get("provenance") or {}),
+        "image_digest": (run_info.get("provenance") or {}).get("image_digest") or (digests[0] if len(digests) == 1
+                                                                                    else digests or None),
         "servers": servers,
         "config": run_info.get("config"),
         "invocations": run_info.get("invocations", []),
