@@ -25,6 +25,10 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 GSM8K_DIR = SHARED_DATA / "gsm8k"
 SERVED_NAME = "tiny-qwen3"
 STARTUP_TIMEOUT_S = 300
+# CI has no internet beyond package registries: every quality run in these tests (in-process or a
+# `tqbench run` subprocess) reads GSM8K from the shared checkout instead of downloading it.
+if (GSM8K_DIR / "test.jsonl").exists():
+    os.environ.setdefault("TQBENCH_GSM8K_DIR", str(GSM8K_DIR))
 # Small KV cache on purpose (test_e2e.py relies on these numbers): 32 blocks x 128 tokens = 4,096
 # tokens, so the admission probe finds its limit (about 4 x 1,024-token requests) in a few cheap
 # steps; 2,048 tokens of context fit a 5-shot GSM8K prompt of this tokenizer (~1,000-1,600 tokens).

@@ -88,7 +88,9 @@ def _token_pool(client: ServerClient) -> list[int]:
 def run(ctx: CellContext) -> None:
     settings = parse_capacity_settings(ctx.settings)
     raw = ctx.raw_dir
-    with ServerClient(ctx.endpoint, timeout_s=settings.request_timeout_s) as client:
+    # One connection per probe request (+ /metrics polling), or the client itself would queue requests.
+    with ServerClient(ctx.endpoint, timeout_s=settings.request_timeout_s,
+                      max_connections=settings.probe_max_concurrency + 4) as client:
         max_model_len = client.max_model_len()
         if not (raw / "server.jsonl").exists():
             samples = parse_prometheus(client.metrics_text())
