@@ -71,9 +71,10 @@ def venv_env(venv: Path, **extra: str) -> dict[str, str]:
 
 
 def force_install_plugin(venv: Path, wheel: Path) -> None:
-    """Install turboquant-vllm past the venv's constraint (--isolated ignores pip.conf), as a user might."""
-    run([venv / "bin" / "python", "-m", "pip", "install", "-q", "--isolated", "--no-deps",
-         "--ignore-requires-python", wheel])
+    """Install turboquant-vllm past the venv's constraint, as a determined user might
+    (PIP_CONFIG_FILE=/dev/null makes pip skip every config file, the venv's pip.conf included)."""
+    run([venv / "bin" / "python", "-m", "pip", "install", "-q", "--no-deps", "--ignore-requires-python", wheel],
+        env=dict(os.environ, PIP_CONFIG_FILE=os.devnull))
 
 
 @pytest.fixture(scope="session")
