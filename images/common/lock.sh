@@ -17,6 +17,9 @@ command -v "$uv" >/dev/null || { echo "lock.sh: uv not found (pip install uv, or
 
 # shellcheck source=images/common/pins.env
 source "$here/pins.env"
+# Run from the repository root so the "# via -r images/common/..." comments do not depend on the caller.
+cd "$here/../.."
+here="images/common"
 
 compile() {  # compile IN OUT: hashes for every wheel of each pinned version, no sdists
   "$uv" pip compile "$1" -o "$2" --quiet \
