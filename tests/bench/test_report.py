@@ -96,3 +96,36 @@ def test_report_command_regenerates_from_raw(latency_run, tmp_path):
     pd.testing.assert_frame_equal(before, after)
     assert (copy / "latency.png").exists() and "## 3. PERFORMANCE" in (copy / "report.md").read_text()
     assert not math.isnan(after["itl_token_ms_mean"].iloc[0])
+
+
+def test_ratio_columns_against_the_baseline(latency_run, tmp_path):
+    """A second dtype whose recorded timeline is the baseline's stretched 2x shows 2.00x latency ratios."""
+    run = tmp_path / "two"
+    shutil.copytree(latency_run, run)
+    src, dst = run / "raw" / "latency" / "auto", run / "raw" / "latency" / "fp8"
+    shutil.copytree(src, dst)
+    for path in dst.glob("*/requests*.jsonl"):
+        stretched = []
+        for r in read_jsonl(path):
+            t0 = r["start_ns"]
+            r["chunk_ns"] = [t0 + 2 * (t - t0) for t in r["chunk_ns"]]
+            r["end_ns"] = t0 + 2 * (r["end_ns"] - t0)
+            r["kv_cache_dtype"] = "fp8"
+            stretched.append(json.dumps(r))
+        path.write_text("\n".join(stretched) + "\n")
+    info = json.loads((run / "run.json").read_text())
+    info["config"]["kv_cache_dtypes"] = ["fp8", "auto"]
+    info["config"]["baseline"] = "auto"
+    (run / "run.json").write_text(json.dumps(info))
+    from tqbench.report import build_report
+
+    report = build_report(run).read_text()
+    table = pd.read_csv(run / "latency.csv")
+    assert list(table["kv_cache_dtype"]) == ["fp8", "fp8", "auto", "auto"]  # config order
+    block = report.split("--- short_decode")[1].split("Reproduce with")[0]
+    fp8_row = next(line for line in block.splitlines() if line.startswith("| `fp8`"))
+    cells = [c.strip() for c in fp8_row.strip("|").split("|")]
+    assert cells[-2:] == ["2.00×", "2.00×"]  # TPOT and TTFT vs base
+    short = table.set_index(["kv_cache_dtype", "scenario"])
+    assert short.loc[("fp8", "short_decode"), "tpot_ms_mean"] == pytest.approx(
+        2 * short.loc[("auto", "short_decode"), "tpot_ms_mean"])
