@@ -129,3 +129,9 @@ def test_ratio_columns_against_the_baseline(latency_run, tmp_path):
     short = table.set_index(["kv_cache_dtype", "scenario"])
     assert short.loc[("fp8", "short_decode"), "tpot_ms_mean"] == pytest.approx(
         2 * short.loc[("auto", "short_decode"), "tpot_ms_mean"])
+
+
+def test_readme_glossary_is_the_reports_glossary():
+    from tqbench.report.glossary import GLOSSARY
+
+    assert GLOSSARY in (REPO / "bench" / "README.md").read_text()
