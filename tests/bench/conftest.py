@@ -62,7 +62,7 @@ class VllmCpuServer:
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = STARTUP_TIMEOUT_S) -> Endpoint:
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false",
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "TOKENIZERS_PARALLELISM": "false",
                "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "PYTHONUNBUFFERED": "1"}
         log = open(self.log_path, "wb")
         self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=env,

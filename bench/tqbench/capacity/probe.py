@@ -60,7 +60,8 @@ def probe_step(client: ServerClient, n: int, context_len: int, token_pool: list[
             errors.append(str(exc)[:300])
 
     started = time.monotonic()
-    with ThreadPoolExecutor(n) as pool:
+    pool = ThreadPoolExecutor(n)
+    try:
         futures = [pool.submit(send, p) for p in prompts]
         threading.Thread(target=lambda: ([f.result() for f in futures], finished.set()), daemon=True).start()
         while not finished.is_set():
@@ -71,6 +72,9 @@ def probe_step(client: ServerClient, n: int, context_len: int, token_pool: list[
                 errors.append(f"step did not finish within {timeout_s:.0f}s")
                 break
             finished.wait(poll_interval_s)
+    finally:
+        # Ctrl-C or a timeout must not wait for requests in flight; they end when the server stops.
+        pool.shutdown(wait=finished.is_set(), cancel_futures=True)
     after = load_state(parse_prometheus(client.metrics_text()))
     preemptions = (after["preemptions"] or 0.0) - (before["preemptions"] or 0.0)
     admitted = not errors and peak["running"] >= n and preemptions == 0

@@ -37,7 +37,8 @@ def run_concurrently(items: Iterable[T], work: Callable[[T], dict[str, Any]], si
         for future in tqdm(as_completed(futures), total=len(futures), desc=desc, leave=False):
             sink(future.result())
     except BaseException:
-        pool.shutdown(wait=True, cancel_futures=True)
+        # Do not wait for requests in flight (Ctrl-C must be prompt); they end when the server stops.
+        pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
     return len(items)
