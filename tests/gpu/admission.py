@@ -56,7 +56,7 @@ def _synthetic_request(index: int, num_tokens: int):
 
     return Request(
         request_id=f"admission-{index}",
-        prompt_token_ids=[1 + (index + t) % 1000 for t in range(num_tokens)],
+        prompt_token_ids=[1 + index % 1000] * num_tokens,  # content is irrelevant: caching is off
         sampling_params=SamplingParams(max_tokens=1),
         pooling_params=None,
     )
@@ -70,20 +70,24 @@ def fits_in_manager(scheduler, vllm_config, num_requests: int, context_len: int)
     token_budget_per_step = vllm_config.scheduler_config.max_num_batched_tokens
     reserve_full_sequence = bool(getattr(scheduler, "scheduler_reserve_full_isl", False))
     waiting = [_synthetic_request(i, context_len) for i in range(num_requests)]
-    running: list = []
+    prefilling: list = []  # running, prompt not yet fully computed (FCFS)
+    holding = 0            # running, full context held
     steps = 0
-    while waiting or any(r.num_computed_tokens < context_len for r in running):
+    while waiting or prefilling:
         steps += 1
         budget = token_budget_per_step
-        for request in running:
+        still_prefilling = []
+        for request in prefilling:
             remaining = context_len - request.num_computed_tokens
             if remaining == 0:
-                # A finished prefill would decode now; its next allocation first trims
-                # blocks that fell out of the window, which is what we apply here.
+                # Prefill finished last step: its next (decode) allocation first trims the
+                # blocks that fell out of the sliding window / Mamba state; apply that once.
                 manager.remove_skipped_blocks(
                     request.request_id, request.num_computed_tokens, request.num_prompt_tokens
                 )
+                holding += 1
                 continue
+            still_prefilling.append(request)
             if budget == 0:
                 continue
             chunk = min(remaining, budget)
@@ -91,20 +95,20 @@ def fits_in_manager(scheduler, vllm_config, num_requests: int, context_len: int)
                 return False, {"failed_at_step": steps, "failed_request": request.request_id}
             request.num_computed_tokens += chunk
             budget -= chunk
+        prefilling = still_prefilling
         while budget > 0 and waiting:
             request = waiting.pop(0)
             chunk = min(context_len, budget)
             blocks = manager.allocate_slots(
-                request, chunk, full_sequence_must_fit=reserve_full_sequence, has_scheduled_reqs=bool(running)
+                request, chunk, full_sequence_must_fit=reserve_full_sequence,
+                has_scheduled_reqs=bool(prefilling) or holding > 0,
             )
             if blocks is None:
                 return False, {"failed_at_step": steps, "failed_request": request.request_id, "at_admission": True}
             request.status = RequestStatus.RUNNING
             request.num_computed_tokens += chunk
             budget -= chunk
-            running.append(request)
-    for request in running:
-        manager.remove_skipped_blocks(request.request_id, request.num_computed_tokens, request.num_prompt_tokens)
+            prefilling.append(request)
     pool = manager.block_pool
     used_blocks = pool.num_gpu_blocks - pool.get_num_free_blocks()
     return True, {"steps": steps, "used_blocks": used_blocks, "num_blocks": pool.num_gpu_blocks}

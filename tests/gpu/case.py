@@ -135,10 +135,13 @@ def run_case(spec: dict, record: dict) -> None:
     record["startup_s"] = round(time.time() - t0, 1)
     vllm_config = llm.llm_engine.vllm_config
     record["skipped_layers"] = list(vllm_config.cache_config.kv_cache_dtype_skip_layers or [])
+    core = llm.llm_engine.engine_core.engine_core
     layers = describe_layers(vllm_config)
+    if not layers:  # the worker may hold its own copy of the config
+        worker = core.model_executor.driver_worker
+        layers = describe_layers(getattr(worker, "worker", worker).model_runner.vllm_config)
     record["layer_backends"] = summarize_layers(layers)
     record["num_attention_layers"] = len(layers)
-    core = llm.llm_engine.engine_core.engine_core
     record.update(describe_kv_cache(core.scheduler, vllm_config))
 
     # Small batch: distinct token-id prompts, fixed output length.

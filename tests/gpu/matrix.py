@@ -56,26 +56,33 @@ TINY = ["tiny_gemma4", "tiny_qwen3_5", "tiny_qwen3"]
 
 
 def ordered_cases(variants: list[str]) -> list[dict]:
-    """Most informative first: capacity baselines, then the headline dtype, then the rest."""
-    order: list[tuple[str, str]] = []
-    order += [(m, "auto") for m in FULL_SIZE]
-    order += [(m, "turboquant_4bit_nc") for m in FULL_SIZE]
-    order += [(m, d) for m in TINY for d in ("auto", "turboquant_4bit_nc")]
-    order += [(m, d) for d in KV_DTYPES[2:] for m in FULL_SIZE]
-    order += [(m, d) for d in KV_DTYPES[2:] for m in TINY]
+    """Most informative first, so a window cut short still answers the main questions:
+    stock capacity/admission, then the patched headline dtype, the stock failures it fixes,
+    what the patches change for bf16, the tiny configs, then the other TurboQuant presets."""
+    full_tq_others = [(m, d) for d in KV_DTYPES[2:] for m in FULL_SIZE]
+    tiny_main = [(m, d) for m in TINY for d in ("auto", "turboquant_4bit_nc")]
+    tiny_others = [(m, d) for d in KV_DTYPES[2:] for m in TINY]
+    order: list[tuple[str, str, str]] = []
+    order += [("unpatched", m, "auto") for m in FULL_SIZE]
+    order += [("patched", m, "turboquant_4bit_nc") for m in FULL_SIZE]
+    order += [("unpatched", m, "turboquant_4bit_nc") for m in FULL_SIZE]
+    order += [("patched", m, "auto") for m in FULL_SIZE]
+    order += [(v, m, d) for m, d in tiny_main for v in ("patched", "unpatched")]
+    order += [("patched", m, d) for m, d in full_tq_others]
+    order += [("unpatched", m, d) for m, d in full_tq_others]
+    order += [(v, m, d) for m, d in tiny_others for v in ("patched", "unpatched")]
     cases = []
-    for variant in variants:  # patched first when both: it is what a window is for
-        for model, dtype in order:
-            settings = dict(MODELS[model])
-            model_dir = REPO / settings["model_dir"]
-            text_config = load_config(model_dir).get("text_config") or load_config(model_dir)
-            max_model_len = min(CONTEXT_LEN, text_config.get("max_position_embeddings") or CONTEXT_LEN)
-            if dtype != "auto":
-                settings.pop("admission", None)  # unpatched TurboQuant fails at start; patched: run with --admission-all
-            cases.append(dict(
-                id=f"{variant}/{model}/{dtype}", variant=variant, model=model, kv_cache_dtype=dtype,
-                max_model_len=max_model_len, **{**settings, "model_dir": str(model_dir)},
-            ))
+    for variant, model, dtype in order:
+        if variant not in variants:
+            continue
+        settings = dict(MODELS[model])
+        model_dir = REPO / settings["model_dir"]
+        text_config = load_config(model_dir).get("text_config") or load_config(model_dir)
+        max_model_len = min(CONTEXT_LEN, text_config.get("max_position_embeddings") or CONTEXT_LEN)
+        cases.append(dict(
+            id=f"{variant}/{model}/{dtype}", variant=variant, model=model, kv_cache_dtype=dtype,
+            max_model_len=max_model_len, **{**settings, "model_dir": str(model_dir)},
+        ))
     return cases
 
 
@@ -98,7 +105,7 @@ def parse_log(text: str) -> dict:
         parsed["weights_gib"] = float(m[-1])
     lines = [line.strip()[:400] for line in text.splitlines() if HIGHLIGHT.search(line)]
     # drop the traceback frames: the error field has the exception lines
-    lines = [line for line in lines if not line.startswith(("File ", "^"))]
+    lines = [line for line in lines if not line.startswith(("File ", "^", "TQCASE-RESULT"))]
     parsed["log_highlights"] = lines[:40] + (["..."] + lines[-20:] if len(lines) > 60 else lines[40:60])
     return parsed
 
@@ -119,6 +126,20 @@ def gpu_name() -> str:
         return "unknown"
 
 
+def wait_for_free_gpu(max_used_mib: int = 2048, max_wait_s: float = 60) -> None:
+    """The previous case's memory is released asynchronously; vLLM sizes the KV cache from free memory."""
+    deadline = time.time() + max_wait_s
+    while time.time() < deadline:
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=30).stdout.split()
+            if out and int(out[0]) <= max_used_mib:
+                return
+        except (OSError, subprocess.SubprocessError, ValueError):
+            return
+        time.sleep(2)
+
+
 def case_env(variant: str) -> dict:
     env = dict(os.environ)
     env.update(
@@ -137,6 +158,7 @@ def case_env(variant: str) -> dict:
 def run_one(case: dict, timeout_s: float, log_path: pathlib.Path, gpu: str, date: str) -> tuple[dict, bool]:
     """Returns (record, cut_by_deadline)."""
     spec = {k: v for k, v in case.items() if k not in ("id", "variant", "model")}
+    wait_for_free_gpu()
     t0 = time.time()
     with open(log_path, "w") as log:
         process = subprocess.Popen([sys.executable, str(CASE_SCRIPT), json.dumps(spec)], cwd=REPO,
@@ -194,7 +216,6 @@ def main() -> int:
     parser.add_argument("--date", default="2026-11-21")
     parser.add_argument("--results-dir", default="/tmp/tqresults")
     parser.add_argument("--resume", nargs="*", default=[], help="earlier result files: their cases are skipped")
-    parser.add_argument("--admission-all", action="store_true", help="admission probe on TurboQuant cases too")
     parser.add_argument("--admission-mode", choices=["manager", "engine"], default="manager")
     parser.add_argument("--list", action="store_true")
     args = parser.parse_args()
@@ -213,7 +234,7 @@ def main() -> int:
         if not cases:
             parser.error(f"--cases {args.cases!r} matches no case id; see --list")
     for case in cases:
-        if case.get("admission") or (args.admission_all and case["model"] in FULL_SIZE):
+        if case.get("admission"):
             case["admission"] = args.admission_mode
     if args.list:
         print("\n".join(c["id"] for c in cases))

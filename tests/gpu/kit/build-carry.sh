@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the GPU-host carry: a slim vLLM 0.26.0 wheel + the pinned dependency wheels the
-# offline host lacks, as one xz tarball split into <= 57 MiB parts under .gpu/parts/
+# offline host lacks, as one xz tarball split into <= 60 MiB parts under .gpu/parts/
 # (each `run` call may carry at most 64 MiB including the repo).
 #
 #   tests/gpu/kit/build-carry.sh            # from the repo root; ~15-25 min on 2 cores (xz)
@@ -14,7 +14,9 @@ KIT=$ROOT/tests/gpu/kit
 CACHE=${TQSTACK_CACHE:-$HOME/.cache/tqstack}
 VLLM_WHEEL_NAME=vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl
 VLLM_WHEEL_SHA256=adb1e4c9b46d0dfdb094121ae5aad670a42412dd813ed4e5db069ed6a15006de
-PART_SIZE=57M
+# A run call carries <= 64 MiB including the repo tree (~1.5 MiB): parts of at most
+# MAX_PART_MIB, equal-sized, as few as possible (each part is one more call in the window).
+MAX_PART_MIB=${MAX_PART_MIB:-60}
 STAGE=$ROOT/build/gpu-kit            # build/ is git-ignored
 PARTS=$ROOT/.gpu/parts               # .gpu/ is git-ignored; named in `run`'s carry
 
@@ -54,7 +56,7 @@ echo "$VLLM_WHEEL_SHA256  $CACHE/wheels/$VLLM_WHEEL_NAME" | sha256sum -c --quiet
 platforms=(--platform any --platform manylinux1_x86_64 --platform manylinux2014_x86_64)
 for n in 5 12 17 24 26 27 28 31 34 35 39; do platforms+=(--platform "manylinux_2_${n}_x86_64"); done
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-  --abi cp312 --abi abi3 --abi none "${platforms[@]}" -d "$CACHE/gpu-wheels" -r "$KIT/requirements-gpu.txt"
+  --abi cp312 --abi abi3 --abi none "${platforms[@]}" -d "$CACHE/gpu-wheels" -r "$KIT/requirements-gpu.txt" 2>&1 | { grep -v 'is ignored' || true; }
 
 rm -rf "$STAGE" && mkdir -p "$STAGE/wheels"
 drop_args=()
@@ -83,7 +85,10 @@ rm -rf "$PARTS" && mkdir -p "$PARTS"
 tar -C "$STAGE" --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -cf - KIT-MANIFEST wheels \
   | xz -T2 -6 -c > "$STAGE/tqkit.tar.xz"
 (cd "$STAGE" && sha256sum tqkit.tar.xz) > "$PARTS/SHA256SUMS"
-split -b "$PART_SIZE" -a 2 "$STAGE/tqkit.tar.xz" "$PARTS/tqkit.tar.xz.part-"
+size=$(stat -c %s "$STAGE/tqkit.tar.xz")
+max_part=$((MAX_PART_MIB * 1024 * 1024))
+num_parts=$(((size + max_part - 1) / max_part))
+split -n "$num_parts" -a 2 "$STAGE/tqkit.tar.xz" "$PARTS/tqkit.tar.xz.part-"
 (cd "$PARTS" && sha256sum tqkit.tar.xz.part-*) >> "$PARTS/SHA256SUMS"
 rm "$STAGE/tqkit.tar.xz"
 ls -l "$PARTS"

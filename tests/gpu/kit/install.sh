@@ -52,8 +52,13 @@ echo "install: /tmp/site-unpatched ready in $((SECONDS - t0)) s"
 patch_files=("$ROOT"/patches/vllm-0.26.0/*.patch)
 if [[ -f $ROOT/patches/apply && ${#patch_files[@]} -gt 0 ]]; then
   cp -a /tmp/site-unpatched /tmp/site-patched
-  python3 "$ROOT/patches/apply" /tmp/site-patched
-  echo "install: /tmp/site-patched ready (${#patch_files[@]} patches applied)"
+  # A failing series must not cost the window its unpatched baseline.
+  if python3 "$ROOT/patches/apply" /tmp/site-patched; then
+    echo "install: /tmp/site-patched ready (${#patch_files[@]} patch files in the checkout)"
+  else
+    rm -rf /tmp/site-patched
+    echo "install: NOTE patched variant skipped: patches/apply failed (output above)"
+  fi
 else
   echo "install: NOTE patched variant skipped: patches/apply or patches/vllm-0.26.0/*.patch not in this checkout"
 fi
