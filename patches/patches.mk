@@ -82,4 +82,4 @@ patches-trees: $(VLLM_PATCHED)/.applied $(VLLM_OLD_TREE)/.unpacked
 patches-check: patches-trees $(VLLM_VENV)/.installed
 	TQ_VLLM_PRISTINE=$(VLLM_PRISTINE) TQ_VLLM_PATCHED=$(VLLM_PATCHED) \
 	TQ_VLLM_OLD_TREE=$(VLLM_OLD_TREE) TQ_VLLM_PYTHON=$(VLLM_VPY) TQ_VLLM_SERIES=$(abspath $(SERIES_DIR)) \
-		$(VLLM_VPY) -m pytest -q tests/patches
+		$(VLLM_VPY) -m pytest -q --durations=5 tests/patches
