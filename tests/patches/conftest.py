@@ -37,8 +37,9 @@ QUIET_VLLM_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
-    "CUDA_VISIBLE_DEVICES": "",
 }
+# CUDA_VISIBLE_DEVICES is deliberately not set: an empty value makes vLLM keep Triton enabled with
+# no driver ("distributed environment" case in vllm/triton_utils/importing.py).
 
 
 def _tree_from_env(var: str) -> Path:
