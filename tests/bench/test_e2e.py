@@ -163,3 +163,15 @@ def test_parts_resume_inside_a_cell(vllm_cpu_server, tmp_path):
                       settings=CapacitySettings(probe=False).model_dump(mode="json"))
     run_capacity(ctx)
     assert (ctx.raw_dir / "DONE").exists() and (ctx.raw_dir / "server.jsonl").exists()
+
+
+def test_one_failing_quality_task_keeps_the_others(vllm_cpu_server, tmp_path):
+    from tqbench import quality
+
+    settings = {"tasks": ["gsm8k", "niah"], "gsm8k": {"data_dir": str(tmp_path / "nowhere")},
+                "niah": {"context_lengths": [256], "depths": [50], "max_tokens": 4}}
+    ctx = CellContext(vllm_cpu_server, "auto", "quality", tmp_path / "run", settings=settings)
+    with pytest.raises(RuntimeError, match=r"gsm8k: FileNotFoundError: gsm8k\.data_dir"):
+        quality.run(ctx)
+    assert len(list(read_jsonl(ctx.raw_dir / niah.RAW_FILE))) == 1
+    assert not (ctx.raw_dir / "DONE").exists()
