@@ -157,7 +157,7 @@ def cuda_stacks() -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------- server log
-KV_TOKENS_RE = re.compile(r"GPU KV cache size: ([\d,]+) tokens")
+KV_TOKENS_RE = re.compile(r"(?:GPU|CPU|XPU) KV cache size: ([\d,]+) tokens")
 CONCURRENCY_RE = re.compile(r"Maximum concurrency for ([\d,]+) tokens per request: ([\d.]+)x")
 MAX_LEN_RE = re.compile(r"estimated maximum model length is (\d+)")
 
