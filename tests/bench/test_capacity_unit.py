@@ -64,3 +64,18 @@ def test_bad_capacity_settings():
         parse_capacity_settings({"probe_context_len": 10})
     with pytest.raises(CapacitySettingsError, match="known keys"):
         parse_capacity_settings({"prob": True})
+
+
+def test_planner_prediction_for_a_configs_stack():
+    """The real tqconfig planner on a real stack: TurboQuant predicts more tokens than auto, bad dtypes become notes."""
+    from tqconfig import load_stack
+
+    from tqbench.capacity import planner_prediction
+
+    stack = load_stack("rtx5060ti-x4-qwen3.6-27b")
+    auto = planner_prediction(stack, "auto", 32768)
+    turbo = planner_prediction(stack, "turboquant_4bit_nc", 32768)
+    assert auto["predicted_kv_tokens"] > 0 and auto["plan"]["max_model_len"] == 32768
+    assert turbo["predicted_kv_tokens"] > 2 * auto["predicted_kv_tokens"]
+    assert planner_prediction(stack, "bogus", 32768)["note"].startswith("no prediction: ")
+    assert planner_prediction(None, "auto", 32768)["predicted_kv_tokens"] is None
