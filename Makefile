@@ -35,5 +35,10 @@ include images/images.mk
 include patches/patches.mk
 include bench/bench.mk
 
-test: test-configs images-check patches-check test-bench
+# CPU-side tests of the GPU-host scripts (argv plans, flag existence in the 0.26.0 wheel, fidelity maths).
+.PHONY: test-gpu-scripts
+test-gpu-scripts: venv patches-pristine
+	$(VPY) -m pytest tests/gpu/stacks tests/gpu/bench
+
+test: test-configs images-check patches-check test-bench test-gpu-scripts
 	@echo "make test: all suites passed"
