@@ -62,13 +62,19 @@ def _synthetic_request(index: int, num_tokens: int):
     )
 
 
-def fits_in_manager(scheduler, vllm_config, num_requests: int, context_len: int) -> tuple[bool, dict]:
-    """Drive `num_requests` requests of `context_len` tokens through a fresh KVCacheManager."""
+def fits_in_manager(scheduler, vllm_config, num_requests: int, context_len: int,
+                    reserve_full_sequence: bool | None = None) -> tuple[bool, dict]:
+    """Drive `num_requests` requests of `context_len` tokens through a fresh KVCacheManager.
+
+    reserve_full_sequence: the scheduler's admission gate (scheduler_reserve_full_isl);
+    None = what the live scheduler uses.
+    """
     from vllm.v1.request import RequestStatus
 
     manager = _fresh_manager(scheduler, vllm_config)
     token_budget_per_step = vllm_config.scheduler_config.max_num_batched_tokens
-    reserve_full_sequence = bool(getattr(scheduler, "scheduler_reserve_full_isl", False))
+    if reserve_full_sequence is None:
+        reserve_full_sequence = bool(getattr(scheduler, "scheduler_reserve_full_isl", False))
     waiting = [_synthetic_request(i, context_len) for i in range(num_requests)]
     prefilling: list = []  # running, prompt not yet fully computed (FCFS)
     holding = 0            # running, full context held
@@ -114,6 +120,33 @@ def fits_in_manager(scheduler, vllm_config, num_requests: int, context_len: int)
     return True, {"steps": steps, "used_blocks": used_blocks, "num_blocks": pool.num_gpu_blocks}
 
 
+def largest_admitted(scheduler, vllm_config, context_len: int, max_requests: int,
+                     reserve_full_sequence: bool | None = None) -> tuple[int, dict]:
+    """Largest N that fits (doubling, then bisection) and why N + 1 does not."""
+    def fits(n):
+        return fits_in_manager(scheduler, vllm_config, n, context_len, reserve_full_sequence)
+
+    ok, info = fits(1)
+    if not ok:
+        return 0, info
+    low, high, high_info = 1, 2, None  # low fits; find a high that does not
+    while high <= max_requests:
+        ok, info = fits(high)
+        if not ok:
+            high_info = info
+            break
+        low, high = high, high * 2
+    high = min(high, max_requests + 1)
+    while high - low > 1:
+        middle = (low + high) // 2
+        ok, info = fits(middle)
+        if ok:
+            low = middle
+        else:
+            high, high_info = middle, info
+    return low, high_info or {}
+
+
 def probe_manager(llm, context_len: int = 32768, max_requests: int = 4096) -> dict[str, Any]:
     core = _engine_core(llm)
     scheduler = core.scheduler
@@ -121,21 +154,24 @@ def probe_manager(llm, context_len: int = 32768, max_requests: int = 4096) -> di
     t0 = time.time()
     ok, one = fits_in_manager(scheduler, vllm_config, 1, context_len)
     if not ok:
-        return {"admitted_32k": 0, "admission_mode": "manager", "probe_s": round(time.time() - t0, 1)}
-    low, high = 1, 2  # low fits; find a high that does not
-    while high <= max_requests and fits_in_manager(scheduler, vllm_config, high, context_len)[0]:
-        low, high = high, high * 2
-    high = min(high, max_requests + 1)
-    while high - low > 1:
-        middle = (low + high) // 2
-        if fits_in_manager(scheduler, vllm_config, middle, context_len)[0]:
-            low = middle
-        else:
-            high = middle
+        return {"admitted_32k": 0, "admission_mode": "manager", "admission_limit": one,
+                "probe_s": round(time.time() - t0, 1)}
+    admitted, limit = largest_admitted(scheduler, vllm_config, context_len, max_requests)
+    # The admission gate (scheduler_reserve_full_isl) reserves, per new request, the full
+    # sequence capped for sliding layers at window + max_in_flight_tokens; when that cap
+    # reaches max_model_len the gate, not the memory held, sets concurrency. Measure both.
+    admitted_without_gate, limit_without_gate = largest_admitted(
+        scheduler, vllm_config, context_len, max_requests, reserve_full_sequence=False)
     return {
-        "admitted_32k": low,
+        "admitted_32k": admitted,
         "admission_mode": "manager",
         "admission_context_len": context_len,
+        "admission_limit": limit,  # why admitted + 1 failed: at admission (gate/first chunk) or mid-prefill
+        "admitted_32k_without_reserve_gate": admitted_without_gate,
+        "admission_limit_without_reserve_gate": limit_without_gate,
+        "scheduler_reserve_full_isl": bool(getattr(scheduler, "scheduler_reserve_full_isl", False)),
+        "max_num_batched_tokens": vllm_config.scheduler_config.max_num_batched_tokens,
+        "max_in_flight_tokens": getattr(vllm_config, "max_in_flight_tokens", None),
         "blocks_per_request": one["used_blocks"],  # steady-state blocks one full-context request holds
         "num_blocks": one["num_blocks"],
         "probe_s": round(time.time() - t0, 1),
