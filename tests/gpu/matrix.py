@@ -217,6 +217,9 @@ def main() -> int:
     parser.add_argument("--results-dir", default="/tmp/tqresults")
     parser.add_argument("--resume", nargs="*", default=[], help="earlier result files: their cases are skipped")
     parser.add_argument("--admission-mode", choices=["manager", "engine"], default="manager")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="engine max_num_batched_tokens for every case (case ids get @mnbt<N>); it sets "
+                             "vLLM's admission reserve for sliding-window layers, so it moves Gemma 4's 32K concurrency")
     parser.add_argument("--list", action="store_true")
     args = parser.parse_args()
 
@@ -236,6 +239,10 @@ def main() -> int:
     for case in cases:
         if case.get("admission"):
             case["admission"] = args.admission_mode
+        if args.max_num_batched_tokens:
+            case["extra_engine_args"] = {**case.get("extra_engine_args", {}),
+                                         "max_num_batched_tokens": args.max_num_batched_tokens}
+            case["id"] += f"@mnbt{args.max_num_batched_tokens}"
     if args.list:
         print("\n".join(c["id"] for c in cases))
         return 0
