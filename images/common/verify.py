@@ -34,8 +34,13 @@ PLUGIN_GROUP = "vllm.general_plugins"
 PATCH_MARKER = "vllm/_tqstack_patches.json"
 
 
+# The site-packages holding vllm: this interpreter's purelib (the image), or --site (a
+# PYTHONPATH install such as the GPU host's /tmp/site-patched).
+_SITE: Path | None = None
+
+
 def site_packages() -> Path:
-    return Path(sysconfig.get_paths()["purelib"])
+    return _SITE or Path(sysconfig.get_paths()["purelib"])
 
 
 def check_version() -> str | None:
@@ -127,9 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--patches-dir", type=Path, required=True,
                         help="the repository's patches/ directory (apply + vllm-<version>/series)")
+    parser.add_argument("--site", type=Path, default=None,
+                        help="site-packages that holds vllm (default: this interpreter's purelib)")
     parser.add_argument("--expect-series-sha256", default=None,
                         help="fail unless the applied series has this sha256 (the image's label value)")
     args = parser.parse_args(argv)
+    global _SITE
+    _SITE = args.site
 
     checks = [
         ("vllm version", [check_version()]),

@@ -272,9 +272,11 @@ def preflight(site: Path, state: Path) -> dict[str, Any]:
     steps = [[sys.executable, str(REPO / "patches" / "apply"), "--verify", str(site)]]
     verify = REPO / "images" / "common" / "verify.py"
     if verify.exists():
-        steps.append([sys.executable, str(verify)])
+        steps.append([sys.executable, str(verify), "--patches-dir", str(REPO / "patches"), "--site", str(site)])
     results = []
-    env = {**os.environ, "PYTHONPATH": str(site), "TQ_VLLM_SITE": str(site)}
+    # VLLM_PLUGINS as the images bake it (ENV in every Dockerfile).
+    env = {**os.environ, "PYTHONPATH": str(site), "TQ_VLLM_SITE": str(site),
+           "VLLM_PLUGINS": "lora_filesystem_resolver,lora_hf_hub_resolver"}
     with open(state / "preflight.log", "a") as log:
         for argv in steps:
             done = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
