@@ -30,6 +30,7 @@ gemma4.attention_config.backend = None
 out["gemma4"] = build_layers(gemma4)
 
 gemma3_dir = tempfile.mkdtemp(prefix="tq-gemma3-")
+__import__("atexit").register(__import__("shutil").rmtree, gemma3_dir, True)
 gemma3 = Gemma3Config()
 gemma3.architectures = ["Gemma3ForConditionalGeneration"]
 gemma3.save_pretrained(gemma3_dir)

@@ -65,6 +65,7 @@ def _torchvision_placeholder():
         for name in [m for m in sys.modules if m.startswith("torchvision")]:
             del sys.modules[name]
     root = tempfile.mkdtemp(prefix="tq-torchvision-")
+    __import__("atexit").register(__import__("shutil").rmtree, root, True)
     for relpath, text in _TORCHVISION_PLACEHOLDER.items():
         os.makedirs(os.path.dirname(os.path.join(root, relpath)), exist_ok=True)
         with open(os.path.join(root, relpath), "w") as f:
@@ -120,6 +121,7 @@ def use_cuda_capability(major, minor):
 def build_config(model_dir, kv_cache_dtype, skip_layers, attention_backend=None):
     from vllm.engine.arg_utils import EngineArgs
     workdir = tempfile.mkdtemp(prefix="tq-model-")
+    __import__("atexit").register(__import__("shutil").rmtree, workdir, True)
     shutil.copy(os.path.join(model_dir, "config.json"), workdir)
     args = EngineArgs(model=workdir, load_format="dummy", skip_tokenizer_init=True,
                       kv_cache_dtype=kv_cache_dtype, max_model_len=4096, enforce_eager=True,

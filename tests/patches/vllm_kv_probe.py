@@ -148,6 +148,7 @@ def probe_case(case: dict) -> dict:
     saved_env = {key: os.environ.get(key) for key in case.get("env", {})}
     os.environ.update(case.get("env", {}))
     model_dir = tempfile.mkdtemp(prefix="tq-probe-")
+    __import__("atexit").register(__import__("shutil").rmtree, model_dir, True)
     shutil.copy(os.path.join(case["config_dir"], "config.json"), model_dir)
     result: dict = {"model": case["name"], "dtype": case["kv_cache_dtype"],
                     "label": case.get("label") or f"{case['name']}/{case['kv_cache_dtype']}"}
