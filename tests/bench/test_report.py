@@ -33,7 +33,7 @@ def test_report_files_and_layout(latency_run):
     for name in ("report.md", "latency.csv", "latency.png", "manifest.json", "run.json"):
         assert (latency_run / name).stat().st_size > 0, name
     report = (latency_run / "report.md").read_text()
-    for heading in ("## 1. KV-CACHE COMPRESSION", "## 2. QUALITY (wikitext PPL / NIAH pass@total / GSM8K exact-match)",
+    for heading in ("## 1. KV-CACHE COMPRESSION", "## 2. QUALITY (PPL / NIAH pass@total / GSM8K exact-match)",
                     "## 3. PERFORMANCE", "## Glossary"):
         assert heading in report
     assert "--- short_decode (ISL=32, OSL=16, N=6, C=3) ---" in report

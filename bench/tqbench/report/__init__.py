@@ -99,7 +99,7 @@ def capacity_section(frame: pd.DataFrame | None, why: str | None, run_info: dict
 
 
 def quality_section(frame: pd.DataFrame | None, why: str | None, run_info: dict, failures: list[dict]) -> str:
-    out = ["## 2. QUALITY (wikitext PPL / NIAH pass@total / GSM8K exact-match)", ""]
+    out = ["## 2. QUALITY (PPL / NIAH pass@total / GSM8K exact-match)", ""]
     if frame is None:
         out.append(f"_No quality data: {why}._")
     else:

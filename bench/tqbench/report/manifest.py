@@ -36,7 +36,8 @@ def _run(argv: list[str], cwd: Path | None = None) -> str | None:
 
 
 def git_info() -> dict[str, Any]:
-    commit = _run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT)
+    # A copied tree (an image, the GPU host) has no .git: the caller can pass the commit.
+    commit = _run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT) or os.environ.get("TQSTACK_COMMIT")
     dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT)
     return {"commit": commit, "dirty": bool(dirty) if dirty is not None else None}
 
