@@ -42,8 +42,10 @@ def e2e_config(tmp_path_factory, vllm_cpu_server_log) -> Path:
         "niah": {"context_lengths": [256, 1024], "depths": [0, 50, 100], "needles": 2, "max_tokens": 12},
         "perplexity": {"window_tokens": 512, "max_windows": 3},
     }
+    # 48 decode tokens keep each probe step's requests running for seconds, so the /metrics gauges
+    # see them together even when a busy 2-core machine delays the poller (16 was flaky under load).
     config["capacity"] = {"probe_context_len": PROBE_LEN, "probe_max_concurrency": 8,
-                          "server_log": str(vllm_cpu_server_log)}
+                          "probe_min_output_tokens": 48, "server_log": str(vllm_cpu_server_log)}
     path = tmp_path_factory.mktemp("e2e-config") / "e2e.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
