@@ -17,6 +17,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -177,7 +178,15 @@ class LaunchTarget(Target):
             stop_process_group(process)
 
 
-def stop_process_group(process: subprocess.Popen, grace_s: float = 30) -> None:
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (servers and locust masters bind loopback only)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stop_process_group(process: subprocess.Popen, grace_s: float = 30, kill_wait_s: float | None = None) -> None:
+    """SIGTERM the process group (API server, engine core, workers), SIGKILL after ``grace_s``."""
     if process.poll() is not None:
         return
     with contextlib.suppress(ProcessLookupError):
@@ -187,7 +196,7 @@ def stop_process_group(process: subprocess.Popen, grace_s: float = 30) -> None:
     except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=grace_s)
+        process.wait(timeout=grace_s if kill_wait_s is None else kill_wait_s)
 
 
 @dataclass

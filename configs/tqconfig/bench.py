@@ -13,21 +13,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tqconfig.schema import TURBOQUANT_DTYPES
+
 BENCH_CONFIG_DIR = Path(__file__).resolve().parents[1] / "bench"
 
 # The kv-cache dtypes vLLM 0.26.0 accepts (vllm/config/cache.py CacheDType) that make sense to compare.
-KV_CACHE_DTYPES = (
-    "auto",
-    "bfloat16",
-    "float16",
-    "fp8",
-    "fp8_e4m3",
-    "fp8_e5m2",
-    "turboquant_k8v4",
-    "turboquant_4bit_nc",
-    "turboquant_k3v4_nc",
-    "turboquant_3bit_nc",
-)
+KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2", *TURBOQUANT_DTYPES)
 PARTS = ("capacity", "quality", "latency")
 Part = Literal["capacity", "quality", "latency"]
 

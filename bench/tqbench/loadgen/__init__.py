@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,18 +16,13 @@ from pathlib import Path
 
 from tqbench.context import CellContext
 from tqbench.records import is_done, mark_done, read_jsonl
+from tqbench.servers import free_port
 
 ENGINE_MODULE = "tqbench.loadgen.engine"
 
 
 class LatencyError(RuntimeError):
     pass
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _server_limits(ctx: CellContext) -> int | None:
@@ -79,7 +73,7 @@ def run_scenario(ctx: CellContext, settings, scenario, prompts_file: Path, scena
         # a worker without users would never finish its share of the prompts
         "workers": min(settings.workers, scenario.concurrency),
         "request_timeout_s": settings.request_timeout_s, "temperature": settings.temperature,
-        "master_port": _free_port(),
+        "master_port": free_port(),
     }
     spec_path = scenario_dir / "scenario.json"
     spec_path.write_text(json.dumps(spec, indent=1))

@@ -1,32 +1,18 @@
 """Process helpers shared by the GPU-host scripts (serve_stacks.py, bench/bench_session.py)."""
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import socket
 import subprocess
+import sys
 import time
+from pathlib import Path
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+# The harness's own helpers (stdlib + httpx, both on the GPU host image).
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "bench"))
+from tqbench.servers import free_port, stop_process_group  # noqa: E402,F401
 
 
 def stop(process: subprocess.Popen, grace_s: float = 40) -> None:
-    """SIGTERM the process group (API server, engine core, TP workers), SIGKILL after ``grace_s``."""
-    if process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=20)
+    stop_process_group(process, grace_s=grace_s, kill_wait_s=20)
 
 
 def gpu_memory_used_mib() -> list[int]:
