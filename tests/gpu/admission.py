@@ -178,60 +178,90 @@ def probe_manager(llm, context_len: int = 32768, max_requests: int = 4096) -> di
     }
 
 
-def run_engine(llm, num_requests: int, context_len: int = 32768, seed: int = 0) -> dict[str, Any]:
-    """Real requests; returns preemptions and peak running for `num_requests`."""
+class _ProbeStop(Exception):
+    """Raised inside the scheduler to end a probe run early (first preemption at N+1, or the wall limit)."""
+
+
+def run_engine(llm, num_requests: int, context_len: int = 32768, seed: int = 0,
+               stop_on_preemption: bool = False, wall_limit_s: float | None = None) -> dict[str, Any]:
+    """Real requests; returns preemptions and peak running for `num_requests`.
+
+    ``stop_on_preemption`` ends the run at the first preemption (the N+1 run only has to show that one
+    happens; finishing it would recompute the preempted prefill for minutes). The engine is unusable
+    after an early stop, so that run must be the case's last use of it.
+    """
     from vllm import SamplingParams
 
     core = _engine_core(llm)
     scheduler = core.scheduler
     vllm_config = llm.llm_engine.vllm_config
     budget = vllm_config.scheduler_config.max_num_batched_tokens
-    # Keep every request alive until the last prefill is done: one decode step per step.
-    decode_tokens = min(context_len // 4, math.ceil(num_requests * context_len / budget) + 8)
+    # Keep every request alive until the last prefill is done: each step decodes one token for every
+    # running request, and those decode tokens share the step's budget with the prefill chunks.
+    prefill_steps = math.ceil(num_requests * context_len / max(budget - num_requests, 1))
+    decode_tokens = min(context_len // 4, prefill_steps + 32)
     prompt_len = context_len - decode_tokens
     rng = random.Random(seed)
     vocab = vllm_config.model_config.get_vocab_size()
     prompts = [{"prompt_token_ids": [rng.randrange(10, vocab) for _ in range(prompt_len)]} for _ in range(num_requests)]
 
-    stats = {"preemptions": 0, "peak_running": 0}
+    stats = {"preemptions": 0, "peak_running": 0, "steps": 0, "stopped_early": None}
     original_preempt, original_schedule = scheduler._preempt_request, scheduler.schedule
+    t0 = time.time()
 
     def counting_preempt(*args, **kwargs):
         stats["preemptions"] += 1
-        return original_preempt(*args, **kwargs)
+        result = original_preempt(*args, **kwargs)
+        if stop_on_preemption:
+            stats["stopped_early"] = "first preemption"
+            raise _ProbeStop
+        return result
 
     def tracking_schedule(*args, **kwargs):
+        if wall_limit_s is not None and time.time() - t0 > wall_limit_s:
+            stats["stopped_early"] = f"wall limit {wall_limit_s:.0f} s"
+            raise _ProbeStop
         output = original_schedule(*args, **kwargs)
+        stats["steps"] += 1
         stats["peak_running"] = max(stats["peak_running"], len(scheduler.running))
         return output
 
     scheduler._preempt_request, scheduler.schedule = counting_preempt, tracking_schedule
-    t0 = time.time()
+    generated: list[int] = []
     try:
         outputs = llm.generate(
-            prompts, SamplingParams(max_tokens=decode_tokens, ignore_eos=True, temperature=0.0), use_tqdm=False
-        )
+            prompts, SamplingParams(max_tokens=decode_tokens, ignore_eos=True, temperature=0.0, detokenize=False),
+            use_tqdm=False)
+        generated = [len(o.outputs[0].token_ids) for o in outputs]
+    except Exception as error:  # noqa: BLE001 - an early stop surfaces wrapped by the engine
+        if stats["stopped_early"] is None:
+            raise
+        stats["stop_exception"] = type(error).__name__
     finally:
         scheduler._preempt_request, scheduler.schedule = original_preempt, original_schedule
-    generated = [len(o.outputs[0].token_ids) for o in outputs]
+    timed_out = bool(stats["stopped_early"]) and stats["stopped_early"].startswith("wall")
     return {
         "requests": num_requests,
         "prompt_len": prompt_len,
         "decode_tokens": decode_tokens,
-        "all_completed": all(g == decode_tokens for g in generated),
+        "all_completed": bool(generated) and all(g == decode_tokens for g in generated),
         "elapsed_s": round(time.time() - t0, 1),
         **stats,
-        "admitted": stats["preemptions"] == 0 and stats["peak_running"] == num_requests,
+        # None: the wall limit ended the run before it could say
+        "admitted": None if timed_out else (stats["preemptions"] == 0 and stats["peak_running"] == num_requests),
     }
 
 
-def probe_engine(llm, expected: int, context_len: int = 32768) -> dict[str, Any]:
+def probe_engine(llm, expected: int, context_len: int = 32768, wall_limit_s: float = 420) -> dict[str, Any]:
     """Confirm the manager's N: N must run without preemption, N + 1 must not all fit."""
-    at_n = run_engine(llm, expected, context_len)
-    at_n_plus_1 = run_engine(llm, expected + 1, context_len, seed=1)
+    t0 = time.time()
+    at_n = run_engine(llm, expected, context_len, wall_limit_s=wall_limit_s)
+    left = wall_limit_s - (time.time() - t0)
+    at_n_plus_1 = (run_engine(llm, expected + 1, context_len, seed=1, stop_on_preemption=True, wall_limit_s=left)
+                   if at_n["admitted"] and left > 30 else {"requests": expected + 1, "skipped": "no time left"})
     return {
         "admission_mode": "engine",
         "engine_at_n": at_n,
         "engine_at_n_plus_1": at_n_plus_1,
-        "engine_confirms": at_n["admitted"] and not at_n_plus_1["admitted"],
+        "engine_confirms": bool(at_n["admitted"]) and at_n_plus_1.get("admitted") is False,
     }

@@ -162,7 +162,8 @@ def run_case(spec: dict, record: dict) -> None:
         context_len = spec["max_model_len"]
         record.update(probe_manager(llm, context_len=context_len))
         if spec["admission"] == "engine":
-            record.update(probe_engine(llm, record["admitted_32k"], context_len=context_len))
+            record.update(probe_engine(llm, record["admitted_32k"], context_len=context_len,
+                                       wall_limit_s=spec.get("engine_wall_limit_s", 420)))
     record["ok"] = True
 
 
