@@ -120,6 +120,21 @@ def report(run_dir: Path = typer.Argument(..., help="a tqbench run directory")) 
     console.print(f"report: {path}")
 
 
+@app.command()
+def merge(dest: Path = typer.Argument(..., help="run directory to create or extend"),
+          sources: list[Path] = typer.Argument(..., help="run directories with disjoint finished cells")) -> None:
+    """Merge run directories (e.g. one KV dtype per GPU) into one and regenerate its report."""
+    from tqbench.merge import MergeError, merge_runs
+    from tqbench.report import build_report
+
+    try:
+        result = merge_runs(dest, sources)
+    except MergeError as exc:
+        _fail(str(exc))
+    console.print(f"merged {len(result['copied'])} finished cells into {dest}; report: {build_report(dest)}",
+                  highlight=False)
+
+
 @app.command("configs")
 def list_configs() -> None:
     """List the bench configs in configs/bench/."""

@@ -100,6 +100,8 @@ def capacity_section(frame: pd.DataFrame | None, why: str | None, run_info: dict
 
 def quality_section(frame: pd.DataFrame | None, why: str | None, run_info: dict, failures: list[dict]) -> str:
     out = ["## 2. QUALITY (PPL / NIAH pass@total / GSM8K exact-match)", ""]
+    if (run_info.get("part_models") or {}).get("quality"):  # merged run: quality served by another model
+        out += [f"Model for this section: `{run_info['part_models']['quality']}` (not `{run_info.get('model')}`).", ""]
     if frame is None:
         out.append(f"_No quality data: {why}._")
     else:

@@ -1,21 +1,23 @@
 #!/usr/bin/env python3
-"""One GPU-host benchmark session per KV dtype: a patched vLLM 0.26.0 server, then the harness
-(``tqbench run --endpoint``) and ``vllm bench serve`` against that same server with the same scenarios.
+"""GPU-host benchmark session: one lane per KV dtype, each on its own GPU, in parallel, merged into ONE
+tqbench run directory (issue 3).
 
-For each dtype given (``--dtypes auto`` in one device call, ``turboquant_4bit_nc`` in the next):
-1. start ``vllm serve`` from ``--site`` (the carry kit's patched install) on a local folder with the
-   full-size Qwen3.6-27B config, dummy bf16 weights and a local tokenizer (tests/gpu/stacks/prepare_model.py),
-   KV budget ``--kv-cache-memory-bytes`` (6 GiB: the capacity probe stays short), prefix caching off
-   (no cross-request cache hits in either tool), log into ``<run>/logs/server-<dtype>.log``;
-2. ``tqbench run --config tests/gpu/bench/gpu-bench.yaml --endpoint ... --kv <dtype> --run-dir <run>``
-   (capacity + latency; resumable through its DONE markers);
-3. ``vllm bench serve --dataset-name random`` per scenario of the same config: same ISL/OSL/N/C/rate,
-   ``--ignore-eos``, temperature 0, same seed and warm-ups, ``--save-result`` into
-   ``<run>/vllm-bench/<dtype>/<scenario>.json`` (skipped when present);
-4. stop the server; ``fidelity.py`` writes ``<run>/fidelity.json`` from both tools' results.
-The run directory lives in ``--state`` (survives between calls while the machine stays warm) and is
-packed into ``$OUT/bench-run.tar.gz`` at the end of every call, with fidelity.json and report.md beside it.
-Every step gets what is left of ``--budget-s``; a step cut short is redone by the next call.
+Per dtype (``lane``, one GPU, its own state folder ``<state>/<dtype>/``):
+1. ``vllm serve`` (``--site``: the carry kit's patched install) of the full-size Qwen3.6-27B config with
+   dummy bf16 weights, 6 GiB KV (``--kv-cache-memory-bytes``), prefix caching off, eager;
+2. priming: the harness runs one unsaved wave (N = C) of every scenario, so neither tool measures
+   first-shape compilation (Triton JIT of the TurboQuant kernels);
+3. ``tqbench run --parts capacity`` into the lane's run directory;
+4. fidelity, interleaved per scenario and repeated while the budget allows: harness (``tqbench run
+   --parts latency --scenarios S``, its own run dir ``h<k>-S``), then ``vllm bench serve`` with the same
+   ISL/OSL/N/C/seed/warm-ups (``vllm-bench/<dtype>/S.json``, ``S.rep<k>.json``); repeat 1 of the harness is
+   the run's latency table, later repeats keep their latency.csv (``fidelity-reps/<dtype>/S.rep<k>.csv``);
+5. the 27B server stops; SmolLM2-135M-Instruct (a small real model) is served with the same dtype and
+   ``tqbench run --config gpu-quality.yaml --parts quality`` measures GSM8K / NIAH / perplexity.
+Then (``main``): ``tqbench merge`` of every lane's run dirs into ``<state>/<date>-<gpu>/``, the report is
+regenerated from the merged raw data, ``fidelity.py`` writes fidelity.json, and ``--out`` receives
+``bench-run.tar.gz`` (the run dir), ``fidelity.json`` and ``session.log``. Every step is bounded by
+``--deadline-s``; what did not fit is recorded in ``<run>/session-skips.jsonl`` with the reason.
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ SERVER_ARGS = ["--max-model-len", "32768", "--max-num-seqs", "64", "--max-num-ba
                "--no-enable-prefix-caching", "--language-model-only", "--seed", "0"]
 SERVER_ENV = {"VLLM_USE_FLASHINFER_SAMPLER": "0", "VLLM_PLUGINS": "lora_filesystem_resolver,lora_hf_hub_resolver",
               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
-              "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "0"}
+              "PYTHONUNBUFFERED": "1"}
 
 
 class Deadline:
@@ -129,133 +131,343 @@ def run_step(argv: list[str], *, env: dict, timeout: float, log_path: Path) -> i
             return None
 
 
-def dtype_config(bench: dict, dtype: str, server_log: Path, state: Path) -> Path:
-    """The committed config with this dtype's server log for the capacity part (endpoint mode has none)."""
+QUALITY_CONFIG = HERE / "gpu-quality.yaml"
+QUALITY_MODEL = Path("/tmp/tqmodels/hf/smollm2-135m")
+QUALITY_NAME = "smollm2-135m"
+# SmolLM2-135M: max length 8192, head_dim 64 (TurboQuantConfig takes any head_dim; boundary layers 2+2 of 30).
+QUALITY_SERVER_ARGS = "--max-model-len 8192 --gpu-memory-utilization 0.30 --enforce-eager --seed 0"
+# Seconds kept back at the end of the whole session for merge, report, fidelity and packing.
+FINISH_RESERVE_S = 35.0
+# Guess of a step's duration before it has run once (seconds): start only what can finish.
+FIRST_GUESS_S = {"prime": 60.0, "capacity": 60.0, "harness": 45.0, "vllm_bench": 50.0, "quality": 150.0}
+
+
+def record_skip(run_root: Path, dtype: str, step: str, why: str) -> None:
+    run_root.mkdir(parents=True, exist_ok=True)
+    with open(run_root / "session-skips.jsonl", "a") as fh:
+        fh.write(json.dumps({"time": dt.datetime.now().isoformat(timespec="seconds"), "kv_cache_dtype": dtype,
+                             "step": step, "why": why}) + "\n")
+    log(f"{dtype}: SKIP {step}: {why}")
+
+
+def physical_gpu() -> str | None:
+    """This lane's GPU index for nvidia-smi (which ignores CUDA_VISIBLE_DEVICES)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    return visible if visible.isdigit() else None
+
+
+def wait_own_gpu_free(limit_mib: int = 2048, timeout_s: float = 60) -> None:
+    gpu = physical_gpu()
+    if gpu is None or shutil.which("nvidia-smi") is None:
+        return
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        out = subprocess.run(["nvidia-smi", "-i", gpu, "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, check=False).stdout.strip()
+        if not out or int(out.splitlines()[0]) < limit_mib:
+            return
+        time.sleep(2)
+
+
+def write_config(bench: dict, path: Path, **changes) -> Path:
     data = json.loads(json.dumps(bench))
-    data.setdefault("capacity", {})["server_log"] = str(server_log)
-    path = state / f"gpu-bench-{dtype}.yaml"
+    for key, value in changes.items():
+        data[key] = value
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
 
-def pending_work(run_dir: Path, bench: dict, dtype: str) -> tuple[list[str], list[dict]]:
-    parts = [p for p in bench["parts"] if not (run_dir / "raw" / p / dtype / "DONE").exists()]
-    scenarios = [s for s in bench["latency"]["scenarios"]
-                 if not (run_dir / "vllm-bench" / dtype / f"{s['name']}.json").exists()]
-    return parts, scenarios
+def start_server(command: list[str], log_path: Path, env: dict) -> subprocess.Popen:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as out:
+        out.write(f"$ {shlex.join(command)}\n".encode())
+        out.flush()
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+
+
+def wait_healthy(server: subprocess.Popen, base_url: str, limit: float) -> str | None:
+    """None when healthy, else why not."""
+    started = time.monotonic()
+    while time.monotonic() - started < limit and server.poll() is None and not healthy(base_url):
+        time.sleep(2)
+    if healthy(base_url):
+        return None
+    return f"exited with {server.returncode}" if server.poll() is not None else f"not healthy in {limit:.0f} s"
+
+
+class Lane:
+    """One KV dtype on one GPU: 27B dummy server (prime, capacity, interleaved fidelity), then quality."""
+
+    def __init__(self, args, bench: dict, dtype: str, deadline: Deadline):
+        self.args, self.bench, self.dtype, self.deadline = args, bench, dtype, deadline
+        self.state = args.state / dtype
+        self.state.mkdir(parents=True, exist_ok=True)
+        self.run_dir = self.state / "main"  # capacity (+ the harness latency of repeat 1, merged later)
+        self.python = sys.executable
+        client_path = os.pathsep.join(p for p in (args.client_path, str(args.site), str(REPO / "bench"),
+                                                   str(REPO / "configs")) if p)
+        self.client_env = {**os.environ, "PYTHONPATH": client_path, "PYTHONUNBUFFERED": "1", **SERVER_ENV}
+        self.server_env = {**os.environ, "PYTHONPATH": str(args.site), **SERVER_ENV}
+        self.took: dict[str, list[float]] = {}
+        self.status = 0
+
+    def guess(self, kind: str) -> float:
+        seen = self.took.get(kind)
+        return 1.25 * max(seen) if seen else FIRST_GUESS_S[kind]
+
+    def step(self, kind: str, label: str, argv: list[str], log_path: Path, env: dict, *, keep: float = 0.0) -> int | None:
+        """Run ``argv`` if its guessed duration fits before the deadline (minus ``keep``); records skips."""
+        left = self.deadline.left(reserve=keep)
+        if left < self.guess(kind):
+            record_skip(self.args.state, self.dtype, label, f"{left:.0f} s left (keeping {keep:.0f} s for later "
+                        f"steps), a {kind} step needs about {self.guess(kind):.0f} s")
+            return None
+        started = time.monotonic()
+        rc = run_step(argv, env=env, timeout=left, log_path=log_path)
+        self.took.setdefault(kind, []).append(time.monotonic() - started)
+        log(f"{self.dtype}: {label} exit {rc} ({time.monotonic() - started:.0f} s)")
+        if rc != 0:
+            self.status = 1
+        return rc
+
+    def tqbench(self, config: Path, run_dir: Path, base_url: str, model: str, parts: str,
+                scenarios: str | None = None) -> list[str]:
+        argv = [self.python, "-m", "tqbench.cli", "run", "--config", str(config), "--endpoint", base_url,
+                "--model", model, "--kv", self.dtype, "--parts", parts, "--run-dir", str(run_dir)]
+        return argv + (["--scenarios", scenarios] if scenarios else [])
+
+    def run(self) -> int:
+        args = self.args
+        quality_keep = FIRST_GUESS_S["quality"] if args.quality_model else 0.0
+        model_dir = prepare_model.prepare(args.hf_config, self.state / "model")
+        port = free_port()
+        base_url = f"http://127.0.0.1:{port}"
+        server_log = self.run_dir / "logs" / f"server-{self.dtype}.log"
+        command = server_argv(self.python, model_dir, self.dtype, port, flashinfer=(args.site / "flashinfer").exists(),
+                              enforce_eager=args.enforce_eager,
+                              server_args=None if args.server_args is None else shlex.split(args.server_args))
+        log(f"{self.dtype}: GPU {os.environ.get('CUDA_VISIBLE_DEVICES', '?')}: starting {shlex.join(command[3:])}")
+        server = start_server(command, server_log, self.server_env)
+        try:
+            limit = min(float(self.bench["server"]["health_timeout_s"]), self.deadline.left(reserve=quality_keep + 60))
+            why = wait_healthy(server, base_url, limit)
+            if why:
+                record_skip(args.state, self.dtype, "27B server and everything on it", f"server {why}; log {server_log}")
+                self.status = 1
+            else:
+                log(f"{self.dtype}: 27B server healthy")
+                self.measure(base_url, model_dir, server_log, quality_keep)
+        finally:
+            stop(server)
+            wait_own_gpu_free()
+        if args.quality_model:
+            self.quality()
+        return self.status
+
+    def measure(self, base_url: str, model_dir: Path, server_log: Path, quality_keep: float) -> None:
+        bench, state, dtype = self.bench, self.state, self.dtype
+        scenarios = bench["latency"]["scenarios"]
+        primer = {**bench, "parts": ["latency"], "latency": {**bench["latency"], "num_warmups": 0, "scenarios": [
+            {**s, "num_prompts": s["concurrency"]} for s in scenarios]}}
+        self.step("prime", "priming (harness, one wave per scenario, discarded)",
+                  self.tqbench(write_config(primer, state / "primer.yaml"), state / "primer-run", base_url,
+                               SERVED_NAME, "latency"),
+                  state / "logs" / "prime.log", self.client_env, keep=quality_keep)
+        if "capacity" in bench["parts"]:
+            config = bench.copy()
+            config["capacity"] = {**bench.get("capacity", {}), "server_log": str(server_log)}
+            self.step("capacity", "tqbench capacity",
+                      self.tqbench(write_config(config, state / "bench.yaml"), self.run_dir, base_url, SERVED_NAME,
+                                   "capacity"),
+                      self.run_dir / "logs" / f"tqbench-capacity-{dtype}.log", self.client_env, keep=quality_keep)
+        config_path = write_config(bench, state / "latency.yaml")
+        seed, warmups = int(bench.get("seed", 0)), int(bench["latency"].get("num_warmups", 0))
+        for repeat in range(1, self.args.repeats + 1):
+            for scenario in scenarios:
+                name = scenario["name"]
+                # Repeat 1 of both tools before any repeat 2: the minimum for a comparison comes first.
+                rep_dir = state / f"h{repeat}-{name}"
+                self.step("harness", f"harness {name} repeat {repeat}",
+                          self.tqbench(config_path, rep_dir, base_url, SERVED_NAME, "latency", name),
+                          rep_dir / "logs" / "tqbench.log", self.client_env, keep=quality_keep + self.guess("vllm_bench"))
+                if not (rep_dir / "latency.csv").exists():
+                    continue  # no harness number, so no pair to compare
+                result_dir = state / "vllm-bench"
+                filename = f"{name}.json" if repeat == 1 else f"{name}.rep{repeat}.json"
+                argv = vllm_bench_argv(self.python, scenario, base_url=base_url, tokenizer=model_dir, dtype=dtype,
+                                       seed=seed, num_warmups=warmups, result_dir=result_dir)
+                argv[argv.index("--result-filename") + 1] = filename
+                self.step("vllm_bench", f"vllm bench serve {name} repeat {repeat}", argv,
+                          result_dir / f"{Path(filename).stem}.log", self.server_env, keep=quality_keep)
+
+    def quality(self) -> None:
+        args = self.args
+        model = Path(args.quality_model)
+        if not (model / "config.json").exists():
+            record_skip(args.state, self.dtype, "quality", f"no model folder {model} (the install step provides it)")
+            return
+        bench = yaml.safe_load(args.quality_config.read_text())
+        launch = (f"{{python}} -m vllm.entrypoints.cli.main serve {model} --served-model-name {QUALITY_NAME} "
+                  f"--kv-cache-dtype {{kv_cache_dtype}} {args.quality_server_args} --host {{host}} --port {{port}}")
+        argv = [self.python, "-m", "tqbench.cli", "run", "--config", str(args.quality_config), "--launch-cmd", launch,
+                "--model", QUALITY_NAME, "--kv", self.dtype, "--parts", "quality", "--port", str(free_port()),
+                "--vllm-python", self.python, "--health-timeout", str(bench["server"]["health_timeout_s"]),
+                "--run-dir", str(self.state / "quality")]
+        env = {**self.client_env, "PYTHONPATH": self.client_env["PYTHONPATH"]}
+        if args.gsm8k_dir:
+            env["TQBENCH_GSM8K_DIR"] = str(args.gsm8k_dir)
+        self.step("quality", "quality (SmolLM2-135M)", argv, self.state / "logs" / "quality.log", env)
+        wait_own_gpu_free()
+
+
+def merge_lanes(args, dtypes: list[str], run_dir: Path, python: str, env: dict) -> None:
+    """One run directory from every lane: harness cells via `tqbench merge`, plus the fidelity inputs."""
+    sources = []
+    for dtype in dtypes:
+        lane = args.state / dtype
+        sources += [p for p in [lane / "main", *sorted(lane.glob("h1-*")), lane / "quality"] if (p / "run.json").exists()]
+        for result in sorted((lane / "vllm-bench").glob("*")) if (lane / "vllm-bench").is_dir() else []:
+            target = run_dir / "vllm-bench" / dtype / result.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(result, target)
+        for rep_dir in sorted(lane.glob("h*-*")):
+            repeat, scenario = rep_dir.name[1:].split("-", 1)
+            if repeat != "1" and (rep_dir / "latency.csv").exists():
+                target = run_dir / "fidelity-reps" / dtype / f"{scenario}.rep{repeat}.csv"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(rep_dir / "latency.csv", target)
+        for log_file in sorted((lane / "logs").glob("*.log")) if (lane / "logs").is_dir() else []:
+            (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(log_file, run_dir / "logs" / f"{log_file.stem}-{dtype}.log")
+    if not sources:
+        log("merge: no lane produced a run directory")
+        return
+    rc = subprocess.run([python, "-m", "tqbench.cli", "merge", str(run_dir), *map(str, sources)], env=env, cwd=REPO,
+                        check=False).returncode
+    log(f"merge of {len(sources)} run dirs exit {rc}")
+    if (run_dir / "latency.csv").exists():
+        subprocess.run([python, str(HERE / "fidelity.py"), str(run_dir)], env=env, cwd=REPO, check=False)
+    for big in run_dir.glob("prompts/*.jsonl"):  # the repository takes no file over 1 MB
+        if big.stat().st_size > 900_000:
+            with open(big, "rb") as src, __import__("gzip").open(f"{big}.gz", "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            big.unlink()
 
 
 def export(run_dir: Path, out: Path, session_log: Path | None) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(out / "bench-run.tar.gz", "w:gz") as tar:
-        tar.add(run_dir, arcname=run_dir.name)
-    for name in ("fidelity.json", "report.md", "latency.csv", "capacity.csv"):
-        if (run_dir / name).exists():
-            shutil.copyfile(run_dir / name, out / name)
+    if run_dir.exists():
+        with tarfile.open(out / "bench-run.tar.gz", "w:gz") as tar:
+            tar.add(run_dir, arcname=run_dir.name)
+    if (run_dir / "fidelity.json").exists():
+        shutil.copyfile(run_dir / "fidelity.json", out / "fidelity.json")
     if session_log and session_log.exists():
         shutil.copyfile(session_log, out / "session.log")
 
 
+def plan(args, dtypes: list[str], gpus: list[str]) -> list[str]:
+    lines = [f"lane {d}: GPU {gpus[i % len(gpus)] if gpus else '(CUDA_VISIBLE_DEVICES unset)'}: 27B dummy server "
+             f"({args.hf_config}), priming, capacity, {args.repeats} x (harness, vllm bench serve) per scenario of "
+             f"{args.bench_config.name}, then quality on {args.quality_model or '(none)'}" for i, d in enumerate(dtypes)]
+    if gpus and len(gpus) < len(dtypes):
+        lines.append(f"only {len(gpus)} GPU(s) for {len(dtypes)} lanes: lanes sharing a GPU run one after another")
+    lines.append(f"then: tqbench merge -> {args.state}/<date>-{args.gpu_label}, fidelity.py, pack into {args.out}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtypes", required=True, help="comma-separated KV dtypes of this call, e.g. auto")
+    parser.add_argument("--dtypes", default="auto,turboquant_4bit_nc", help="comma-separated KV dtypes, one lane each")
     parser.add_argument("--site", type=Path, default=Path("/tmp/site-patched"))
-    parser.add_argument("--client-path", default="", help="extra PYTHONPATH for tqbench (locust wheels)")
+    parser.add_argument("--client-path", default="", help="extra PYTHONPATH for tqbench (locust, lm_eval, needlehaystack)")
     parser.add_argument("--state", type=Path, default=Path("/tmp/tq-bench"))
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
     parser.add_argument("--gpu-label", default="gpu", help="e.g. h200; names the run directory")
-    parser.add_argument("--budget-s", type=float, default=560)
+    parser.add_argument("--deadline-s", "--budget-s", dest="deadline_s", type=float, default=540,
+                        help="wall seconds from start for everything, packing included")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved (harness, vllm bench serve) pairs per scenario")
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--bench-config", type=Path, default=CONFIG, help="tqbench config (default gpu-bench.yaml)")
     parser.add_argument("--hf-config", default=HF_CONFIG, help="configs/hf name or config.json path of the model")
     parser.add_argument("--server-args", default=None, help="replace the GPU memory/shape flags (local dry run)")
+    parser.add_argument("--quality-model", default=str(QUALITY_MODEL), help="HF folder of the quality model ('' = none)")
+    parser.add_argument("--quality-config", type=Path, default=QUALITY_CONFIG)
+    parser.add_argument("--quality-server-args", default=QUALITY_SERVER_ARGS)
+    parser.add_argument("--gsm8k-dir", type=Path, default=None, help="folder with GSM8K test/train.jsonl")
+    parser.add_argument("--lane", default=None, help=argparse.SUPPRESS)  # internal: run one dtype's lane
+    parser.add_argument("--dry-run", "--list", dest="dry_run", action="store_true", help="print the plan, run nothing")
     args = parser.parse_args(argv)
-    deadline = Deadline(args.budget_s)
+    deadline = Deadline(args.deadline_s)
 
     bench = yaml.safe_load(args.bench_config.read_text())
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     unknown = [d for d in dtypes if d not in bench["kv_cache_dtypes"]]
     if unknown:
         parser.error(f"--dtypes: {unknown} not in {args.bench_config.name} kv_cache_dtypes {bench['kv_cache_dtypes']}")
+    if args.repeats < 1:
+        parser.error("--repeats: at least 1")
+    gpus = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    if args.dry_run:
+        print("\n".join(plan(args, dtypes, gpus)))
+        return 0
     if not (args.site / "vllm").is_dir():
         parser.error(f"--site {args.site}: no vllm/ there; install the carry kit first (tests/gpu/README.md)")
     args.state.mkdir(parents=True, exist_ok=True)
+    if args.lane:
+        return Lane(args, bench, args.lane, deadline).run()
+
     name_file = args.state / "run-name"
     if not name_file.exists():
         name_file.write_text(f"{dt.date.today().isoformat()}-{args.gpu_label}")
     run_dir = args.state / name_file.read_text().strip()
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-
-    model_dir = prepare_model.prepare(args.hf_config, args.state / "model")
+    for line in plan(args, dtypes, gpus):
+        log(line)
     python = sys.executable
-    flashinfer = (args.site / "flashinfer").exists()
     client_path = os.pathsep.join(p for p in (args.client_path, str(args.site), str(REPO / "bench"),
                                                str(REPO / "configs")) if p)
-    client_env = {**os.environ, "PYTHONPATH": client_path, "PYTHONUNBUFFERED": "1"}
-    bench_env = {**os.environ, "PYTHONPATH": str(args.site), **SERVER_ENV}
-    status = 0
+    env = {**os.environ, "PYTHONPATH": client_path, "PYTHONUNBUFFERED": "1"}
+    lanes: dict[str, subprocess.Popen] = {}
+    lane_argv = [a for a in (argv if argv is not None else sys.argv[1:])]
     try:
-        for dtype in dtypes:
-            parts, scenarios = pending_work(run_dir, bench, dtype)
-            if not parts and not scenarios:
-                log(f"{dtype}: harness and vllm bench results present, skipped")
-                continue
-            port = free_port()
-            base_url = f"http://127.0.0.1:{port}"
-            server_log = run_dir / "logs" / f"server-{dtype}.log"
-            command = server_argv(python, model_dir, dtype, port, flashinfer=flashinfer, enforce_eager=args.enforce_eager,
-                                  server_args=None if args.server_args is None else shlex.split(args.server_args))
-            log(f"{dtype}: starting {shlex.join(command[3:])}")
-            with open(server_log, "ab") as out:
-                out.write(f"$ {shlex.join(command)}\n".encode())
-                out.flush()
-                server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                          env={**os.environ, "PYTHONPATH": str(args.site), **SERVER_ENV})
-            try:
-                limit = min(float(bench["server"]["health_timeout_s"]), deadline.left(reserve=120))
-                started = time.monotonic()
-                while time.monotonic() - started < limit and server.poll() is None and not healthy(base_url):
-                    time.sleep(3)
-                if not healthy(base_url):
-                    why = f"exited with {server.returncode}" if server.poll() is not None else f"not healthy in {limit:.0f} s"
-                    log(f"{dtype}: server {why}; log {server_log}")
-                    status = 1
+        # Lanes on distinct GPUs run together; a lane whose GPU is taken waits for it.
+        queue = list(enumerate(dtypes))
+        while queue or lanes:
+            busy = {p.gpu for p in lanes.values()}
+            for i, dtype in list(queue):
+                gpu = gpus[i % len(gpus)] if gpus else ""
+                if gpu in busy and gpus:
                     continue
-                log(f"{dtype}: healthy after {time.monotonic() - started:.0f} s")
-                # Prime first, so that neither tool pays first-shape compilation (Triton JIT, CPU compile).
-                for scenario in bench["latency"]["scenarios"]:
-                    run_step(priming_argv(python, scenario, base_url=base_url, tokenizer=model_dir, dtype=dtype,
-                                          seed=int(bench.get("seed", 0)) + 1),
-                             env=bench_env, timeout=min(120.0, deadline.left(reserve=240)),
-                             log_path=run_dir / "logs" / f"prime-{dtype}.log")
-                log(f"{dtype}: primed")
-                if parts:
-                    config = dtype_config(bench, dtype, server_log, args.state)
-                    reserve = 45.0 * len(scenarios)  # keep time for the vllm bench side
-                    rc = run_step([python, "-m", "tqbench.cli", "run", "--config", str(config), "--endpoint", base_url,
-                                   "--model", SERVED_NAME, "--kv", dtype, "--run-dir", str(run_dir)],
-                                  env=client_env, timeout=deadline.left(reserve=reserve + 30),
-                                  log_path=run_dir / "logs" / f"tqbench-{dtype}.log")
-                    log(f"{dtype}: tqbench exit {rc}")
-                    status = status or (0 if rc == 0 else 1)
-                for scenario in scenarios:
-                    result_dir = run_dir / "vllm-bench" / dtype
-                    rc = run_step(vllm_bench_argv(python, scenario, base_url=base_url, tokenizer=model_dir, dtype=dtype,
-                                                  seed=int(bench.get("seed", 0)),
-                                                  num_warmups=int(bench["latency"].get("num_warmups", 0)),
-                                                  result_dir=result_dir),
-                                  env=bench_env, timeout=deadline.left(reserve=30),
-                                  log_path=result_dir / f"{scenario['name']}.log")
-                    log(f"{dtype}: vllm bench serve {scenario['name']} exit {rc}")
-                    status = status or (0 if rc == 0 else 1)
-            finally:
-                stop(server)
-                wait_gpu_free()
-        if (run_dir / "latency.csv").exists():
-            subprocess.run([python, str(HERE / "fidelity.py"), str(run_dir)], env=client_env, cwd=REPO, check=False)
+                left = deadline.left(reserve=FINISH_RESERVE_S)
+                if left < 120:
+                    record_skip(args.state, dtype, "lane", f"only {left:.0f} s left before the deadline")
+                    queue.remove((i, dtype))
+                    continue
+                child_env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu else {})}
+                command = [python, str(Path(__file__).resolve()), *lane_argv, "--lane", dtype,
+                           "--deadline-s", str(int(left))]
+                proc = subprocess.Popen(command, env=child_env, cwd=REPO)
+                proc.gpu = gpu
+                lanes[dtype] = proc
+                busy.add(gpu)
+                queue.remove((i, dtype))
+                log(f"lane {dtype} started on GPU {gpu or '(default)'}")
+            for dtype, proc in list(lanes.items()):
+                if proc.poll() is not None:
+                    log(f"lane {dtype} exit {proc.returncode}")
+                    del lanes[dtype]
+                elif deadline.left(reserve=FINISH_RESERVE_S - 10) <= 0:
+                    stop(proc)
+                    record_skip(args.state, dtype, "lane (stopped)", "deadline reached")
+                    del lanes[dtype]
+            time.sleep(2)
+        merge_lanes(args, dtypes, run_dir, python, env)
+        if (args.state / "session-skips.jsonl").exists():
+            shutil.copyfile(args.state / "session-skips.jsonl", run_dir / "session-skips.jsonl")
     finally:
+        for proc in lanes.values():
+            stop(proc)
         export(run_dir, args.out, args.state / "session.log")
-    return status
+    return 0
 
 
 if __name__ == "__main__":

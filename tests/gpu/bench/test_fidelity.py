@@ -84,6 +84,27 @@ def test_fidelity_ratios_from_both_tools(tmp_path):
     assert result["summary"]["max_abs_deviation"] == pytest.approx(20 / 19.5 - 1, abs=1e-4)
 
 
+def test_repeats_give_per_repeat_and_median_ratios(tmp_path):
+    write_harness_run(tmp_path, "auto", SCENARIO, harness_records([100, 100, 100, 100], 20.0, 33, 128))
+    bench_dir = tmp_path / "vllm-bench" / "auto"
+    vllm_bench_result(bench_dir / "short_decode.json", ttfts_ms=[100] * 4, tpot_ms=25.0, scenario=SCENARIO)
+    # repeat 2: the harness's latency.csv of its own run dir (as bench_session.py keeps it) + vllm bench .rep2
+    rep_run = tmp_path.parent / "rep2-run"
+    write_harness_run(rep_run, "auto", SCENARIO, harness_records([100, 100, 100, 100], 20.0, 33, 128))
+    (tmp_path / "fidelity-reps" / "auto").mkdir(parents=True)
+    (tmp_path / "fidelity-reps" / "auto" / "short_decode.rep2.csv").write_text((rep_run / "latency.csv").read_text())
+    vllm_bench_result(bench_dir / "short_decode.rep2.json", ttfts_ms=[100] * 4, tpot_ms=20.2, scenario=SCENARIO)
+    result = fidelity.fidelity(tmp_path)
+    (entry,) = result["scenarios"]
+    assert [r["repeat"] for r in entry["repeats"]] == [1, 2]
+    assert entry["tpot"]["per_repeat_ratio"] == [pytest.approx(0.8, abs=1e-4), pytest.approx(20 / 20.2, abs=1e-4)]
+    assert entry["tpot"]["median_ratio"] == pytest.approx((0.8 + 20 / 20.2) / 2, abs=1e-4)
+    assert entry["tpot"]["vllm_bench_p50_ms"] == pytest.approx(22.6)  # median of the tool's two p50s
+    assert not entry["tpot"]["within_goal"] and entry["ttft"]["within_goal"]
+    assert result["summary"]["repeats"] == {"auto/short_decode": 2}
+    assert "continuous_usage_stats" in " ".join(result["definitions"]["differences"])
+
+
 def test_outside_goal_and_shape_mismatch_are_reported(tmp_path):
     write_harness_run(tmp_path, "turboquant_4bit_nc", SCENARIO, harness_records([100, 100, 100, 100], 20.0, 33, 128))
     other_shape = {**SCENARIO, "input_len": 120}
@@ -137,6 +158,11 @@ def test_gpu_bench_config_is_valid_and_fits_one_device_call_per_dtype():
 
     config = load_bench_config(bench_session.CONFIG)
     assert config.kv_cache_dtypes == ["auto", "turboquant_4bit_nc"] and "quality" not in config.parts
+    quality = load_bench_config(bench_session.QUALITY_CONFIG)
+    assert quality.parts == ["quality"] and quality.kv_cache_dtypes == config.kv_cache_dtypes
+    # SmolLM2's max length is 8192: every NIAH probe plus its answer fits
+    settings = quality.part_settings("quality")
+    assert max(settings["niah"]["context_lengths"]) + 32 <= 8192
     # every latency scenario's requests fit the 6 GiB KV budget at once (no preemption skews either tool)
     import tqconfig
 
