@@ -39,11 +39,16 @@ PROOF = "end-to-end image request (real engine, real processor, real Triton kern
 # bf16 kernel outputs; "identical" rows must be bit-identical anyway, this only guards the "differ" side.
 DIFF_TOLERANCE = 0.0
 
+# The tiny config's only full layer (5) is a boundary layer: with the default protection (2) no layer
+# would run TurboQuant. 0 (patch 0007's knob) puts layer 5 on TURBOQUANT, the layer gate 1 is about.
+TQ_NO_BOUNDARY = {"TQ_BOUNDARY_LAYERS": "0"}
 CASES = [
     {"name": "patched/tiny_gemma4/turboquant_4bit_nc", "variant": "patched", "config": "tiny",
-     "kv_cache_dtype": "turboquant_4bit_nc", "expect": "bidirectional", "timeout_s": 150, "min_s": 60},
+     "kv_cache_dtype": "turboquant_4bit_nc", "expect": "bidirectional", "timeout_s": 150, "min_s": 60,
+     "env": TQ_NO_BOUNDARY},
     {"name": "unpatched/tiny_gemma4/turboquant_4bit_nc", "variant": "unpatched", "config": "tiny",
-     "kv_cache_dtype": "turboquant_4bit_nc", "expect": "start_fails", "timeout_s": 90, "min_s": 30},
+     "kv_cache_dtype": "turboquant_4bit_nc", "expect": "start_fails", "timeout_s": 90, "min_s": 30,
+     "env": TQ_NO_BOUNDARY},
     {"name": "patched/tiny_gemma4/auto", "variant": "patched", "config": "tiny",
      "kv_cache_dtype": "auto", "expect": "bidirectional", "timeout_s": 120, "min_s": 45},
     {"name": "unpatched/tiny_gemma4/auto", "variant": "unpatched", "config": "tiny",
@@ -249,6 +254,7 @@ def judge_case(record: dict, layer_types: list[str]) -> dict:
         "sliding_bidirectional": all(sliding_bidi) and len(sliding_bidi) == len(sliding),
         "sliding_text_bit_identical": all(text_identical) and len(text_identical) == len(sliding),
         "full_layers_no_range": all(full_clear) and len(full_clear) == len(full),
+        "full_layers_on_turboquant": [i for i in full if i in layers and "TurboQuant" in layers[i]["impl"]],
     }
     verdict["verdict"] = ("bidirectional_proven" if image and verdict["sliding_ranges_match_image"]
                           and verdict["sliding_bidirectional"] and verdict["sliding_text_bit_identical"]
@@ -293,7 +299,7 @@ def run_case_subprocess(spec: dict, out: Path, timeout_s: float) -> dict:
     log_path = out / "logs" / (spec["name"].replace("/", "__") + ".log")
     if not site.is_dir():
         return {"case": spec["name"], "ok": False, "skipped": f"{site} missing (kit not installed?)"}
-    env = dict(os.environ, PYTHONPATH=str(site), VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONUNBUFFERED="1",
+    env = dict(os.environ, **spec.get("env", {}), PYTHONPATH=str(site), VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONUNBUFFERED="1",
                VLLM_USE_FLASHINFER_SAMPLER="0", VLLM_PLUGINS="")
     spec = dict(spec, model_root=str(out / "models"))
     command = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
@@ -327,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"proof: {PROOF}")
         for spec in cases:
             print(f"{spec['name']}: expect {spec['expect']}, gpu_memory_utilization {spec['gpu_memory_utilization']},"
+                  f" env {spec.get('env', {})},"
                   f" timeout {spec['timeout_s']} s, PYTHONPATH=/tmp/site-{spec['variant']}")
         return 0
     if args.out is None:
@@ -352,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
             jsonl.write(json.dumps(record, default=str) + "\n")
         keys = ("outcome", "ok", "verdict", "error", "skipped", "sliding_ranges_match_image", "sliding_bidirectional",
                 "sliding_text_bit_identical", "full_layers_no_range", "full_layer_impls", "full_layer_kv_dtypes",
-                "sliding_layer_impls", "image_ranges", "prompt_lens", "layers_missing", "hook_errors",
+                "sliding_layer_impls", "full_layers_on_turboquant", "image_ranges", "prompt_lens", "layers_missing", "hook_errors",
                 "skipped_layers", "elapsed_s")
         summary["cases"][spec["name"]] = {k: record[k] for k in keys if k in record}
         summary_path.write_text(json.dumps(summary, indent=1, default=str))
