@@ -135,7 +135,11 @@ QUALITY_CONFIG = HERE / "gpu-quality.yaml"
 QUALITY_MODEL = Path("/tmp/tqmodels/hf/smollm2-135m")
 QUALITY_NAME = "smollm2-135m"
 # SmolLM2-135M: max length 8192, head_dim 64 (TurboQuantConfig takes any head_dim; boundary layers 2+2 of 30).
-QUALITY_SERVER_ARGS = "--max-model-len 8192 --gpu-memory-utilization 0.30 --enforce-eager --seed 0"
+# It shares its lane's GPU with the running 27B server during priming and capacity (neither is a latency
+# measurement): fixed KV bytes (no profiling-based sizing) and a utilization whose start check (free memory
+# >= 0.25 x 141 GB) holds beside the 27B server (~65 GB: 54 GB bf16 weights, 6 GiB KV, activations).
+QUALITY_SERVER_ARGS = ("--max-model-len 8192 --gpu-memory-utilization 0.25 --kv-cache-memory-bytes 2147483648 "
+                       "--enforce-eager --seed 0")
 # Seconds kept back at the end of the whole session for merge, report, fidelity and packing.
 FINISH_RESERVE_S = 35.0
 # Guess of a step's duration before it has run once (seconds): start only what can finish.
@@ -238,7 +242,6 @@ class Lane:
 
     def run(self) -> int:
         args = self.args
-        quality_keep = FIRST_GUESS_S["quality"] if args.quality_model else 0.0
         model_dir = prepare_model.prepare(args.hf_config, self.state / "model")
         port = free_port()
         base_url = f"http://127.0.0.1:{port}"
@@ -249,23 +252,47 @@ class Lane:
         log(f"{self.dtype}: GPU {os.environ.get('CUDA_VISIBLE_DEVICES', '?')}: starting {shlex.join(command[3:])}")
         server = start_server(command, server_log, self.server_env)
         try:
-            limit = min(float(self.bench["server"]["health_timeout_s"]), self.deadline.left(reserve=quality_keep + 60))
+            limit = min(float(self.bench["server"]["health_timeout_s"]), self.deadline.left(reserve=60))
             why = wait_healthy(server, base_url, limit)
             if why:
                 record_skip(args.state, self.dtype, "27B server and everything on it", f"server {why}; log {server_log}")
                 self.status = 1
             else:
                 log(f"{self.dtype}: 27B server healthy")
-                self.measure(base_url, model_dir, server_log, quality_keep)
+                self.measure(base_url, model_dir, server_log)
         finally:
             stop(server)
+            self.finish_quality()
             wait_own_gpu_free()
-        if args.quality_model:
-            self.quality()
+        if self.quality_pending():  # the overlapped attempt failed or never ran: once more, GPU to itself
+            rc = self.quality(wait=True, label="quality (SmolLM2-135M, alone on the GPU)")
+            log(f"{self.dtype}: quality retry exit {rc}")
         return self.status
 
-    def measure(self, base_url: str, model_dir: Path, server_log: Path, quality_keep: float) -> None:
+    def quality_pending(self) -> bool:
+        if not self.args.quality_model or (self.state / "quality-missing").exists():
+            return False
+        return not (self.state / "quality" / "raw" / "quality" / self.dtype / "DONE").exists()
+
+    def finish_quality(self) -> None:
+        """Wait for the overlapped quality run (bounded by the deadline), then record how it ended."""
+        proc, started = getattr(self, "quality_proc", (None, 0.0))
+        if proc is None:
+            return
+        try:
+            rc = proc.wait(timeout=max(1.0, self.deadline.left()))
+        except subprocess.TimeoutExpired:
+            stop(proc)
+            rc = None
+        self.quality_proc = (None, 0.0)
+        self.took.setdefault("quality", []).append(time.monotonic() - started)
+        log(f"{self.dtype}: quality (SmolLM2-135M, beside the 27B server) exit {rc} ({time.monotonic() - started:.0f} s)")
+
+    def measure(self, base_url: str, model_dir: Path, server_log: Path) -> None:
         bench, state, dtype = self.bench, self.state, self.dtype
+        if self.args.quality_model and self.args.quality_overlap:
+            self.quality(wait=False)  # beside priming and capacity, finished before any latency pair starts
+        quality_keep = 0.0
         scenarios = bench["latency"]["scenarios"]
         primer = {**bench, "parts": ["latency"], "latency": {**bench["latency"], "num_warmups": 0, "scenarios": [
             {**s, "num_prompts": s["concurrency"]} for s in scenarios]}}
@@ -280,6 +307,8 @@ class Lane:
                       self.tqbench(write_config(config, state / "bench.yaml"), self.run_dir, base_url, SERVED_NAME,
                                    "capacity"),
                       self.run_dir / "logs" / f"tqbench-capacity-{dtype}.log", self.client_env, keep=quality_keep)
+        self.finish_quality()  # the latency pairs get the GPU to themselves
+        quality_keep = self.guess("quality") if self.quality_pending() else 0.0
         config_path = write_config(bench, state / "latency.yaml")
         seed, warmups = int(bench.get("seed", 0)), int(bench["latency"].get("num_warmups", 0))
         for repeat in range(1, self.args.repeats + 1):
@@ -300,12 +329,14 @@ class Lane:
                 self.step("vllm_bench", f"vllm bench serve {name} repeat {repeat}", argv,
                           result_dir / f"{Path(filename).stem}.log", self.server_env, keep=quality_keep)
 
-    def quality(self) -> None:
+    def quality(self, *, wait: bool, label: str = "quality (SmolLM2-135M)") -> int | None:
+        """tqbench quality on the small real model; ``wait=False`` starts it in the background."""
         args = self.args
         model = Path(args.quality_model)
         if not (model / "config.json").exists():
             record_skip(args.state, self.dtype, "quality", f"no model folder {model} (the install step provides it)")
-            return
+            (self.state / "quality-missing").touch()
+            return None
         bench = yaml.safe_load(args.quality_config.read_text())
         launch = (f"{{python}} -m vllm.entrypoints.cli.main serve {model} --served-model-name {QUALITY_NAME} "
                   f"--kv-cache-dtype {{kv_cache_dtype}} {args.quality_server_args} --host {{host}} --port {{port}}")
@@ -313,11 +344,20 @@ class Lane:
                 "--model", QUALITY_NAME, "--kv", self.dtype, "--parts", "quality", "--port", str(free_port()),
                 "--vllm-python", self.python, "--health-timeout", str(bench["server"]["health_timeout_s"]),
                 "--run-dir", str(self.state / "quality")]
-        env = {**self.client_env, "PYTHONPATH": self.client_env["PYTHONPATH"]}
+        env = dict(self.client_env)
         if args.gsm8k_dir:
             env["TQBENCH_GSM8K_DIR"] = str(args.gsm8k_dir)
-        self.step("quality", "quality (SmolLM2-135M)", argv, self.state / "logs" / "quality.log", env)
-        wait_own_gpu_free()
+        log_path = self.state / "logs" / "quality.log"
+        if wait:
+            return self.step("quality", label, argv, log_path, env)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as out:
+            out.write(f"$ {shlex.join(argv)}\n".encode())
+            out.flush()
+            self.quality_proc = (subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                                  start_new_session=True), time.monotonic())
+        log(f"{self.dtype}: {label} started beside the 27B server")
+        return None
 
 
 def merge_lanes(args, dtypes: list[str], run_dir: Path, python: str, env: dict) -> None:
@@ -393,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quality-model", default=str(QUALITY_MODEL), help="HF folder of the quality model ('' = none)")
     parser.add_argument("--quality-config", type=Path, default=QUALITY_CONFIG)
     parser.add_argument("--quality-server-args", default=QUALITY_SERVER_ARGS)
+    parser.add_argument("--no-quality-overlap", dest="quality_overlap", action="store_false",
+                        help="run quality only after the 27B server stopped (default: beside priming and capacity)")
     parser.add_argument("--gsm8k-dir", type=Path, default=None, help="folder with GSM8K test/train.jsonl")
     parser.add_argument("--lane", default=None, help=argparse.SUPPRESS)  # internal: run one dtype's lane
     parser.add_argument("--dry-run", "--list", dest="dry_run", action="store_true", help="print the plan, run nothing")
@@ -417,8 +459,13 @@ def main(argv: list[str] | None = None) -> int:
         return Lane(args, bench, args.lane, deadline).run()
 
     name_file = args.state / "run-name"
-    if not name_file.exists():
-        name_file.write_text(f"{dt.date.today().isoformat()}-{args.gpu_label}")
+    if not name_file.exists():  # never the name of a run already committed in bench/results/
+        name = base = f"{dt.date.today().isoformat()}-{args.gpu_label}"
+        suffix = 1
+        while (REPO / "bench" / "results" / name).exists():
+            suffix += 1
+            name = f"{base}-{suffix}"
+        name_file.write_text(name)
     run_dir = args.state / name_file.read_text().strip()
     for line in plan(args, dtypes, gpus):
         log(line)
