@@ -292,12 +292,13 @@ def case_record_base(case: dict) -> dict:
             "error": None, "ppl": None, "outputs": None, "skipped_layers": None, "layer_backends": None}
 
 
-def run_one(case: dict, timeout_s: float, log_path: pathlib.Path, site: str) -> dict:
+def run_one(case: dict, timeout_s: float, log_path: pathlib.Path, site: str, script: pathlib.Path | None = None) -> dict:
+    """One case in its own process group (`script --case SPEC`, this file unless a test swaps it)."""
     spec = {k: v for k, v in case.items() if k not in ("id", "model")}
     record = case_record_base(case)
     t0 = time.time()
     with open(log_path, "w") as log:
-        process = subprocess.Popen([sys.executable, str(pathlib.Path(__file__).resolve()), "--case", json.dumps(spec)],
+        process = subprocess.Popen([sys.executable, str(script or pathlib.Path(__file__).resolve()), "--case", json.dumps(spec)],
                                    cwd=REPO, env=case_env(site), stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)
         try:
