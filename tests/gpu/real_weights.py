@@ -96,7 +96,7 @@ def summarize(records: list[dict]) -> dict:
     """Per model: the auto baseline, then per TurboQuant dtype the PPL delta % and token agreement."""
     latest: dict[tuple, dict] = {}
     for record in records:  # a resumed or re-run case: the last record wins
-        latest[(record["model"], record["kv_cache_dtype"])] = record
+        latest[(record["model"], record.get("label") or record["kv_cache_dtype"])] = record
     summary: dict = {}
     for model in sorted({m for m, _ in latest}):
         base = latest.get((model, "auto"))
@@ -264,8 +264,11 @@ def build_plan(args, token_ids: dict) -> list[dict]:
     for dtype in args.dtypes:
         for model in args.models:
             entry = token_ids["models"][model]
+            # a non-default boundary is its own row in the summary, compared with the same auto
+            label = dtype if args.boundary_layers is None or dtype == "auto" else f"{dtype}@b{args.boundary_layers}"
             cases.append({
-                "id": f"{model}/{dtype}", "model": model, "kv_cache_dtype": dtype,
+                "id": f"{model}/{label}", "model": model, "kv_cache_dtype": dtype, "label": label,
+                "boundary_layers": args.boundary_layers,
                 "model_dir": str(args.models_root / model), "head_dim": MODELS[model]["head_dim"],
                 "max_model_len": MAX_MODEL_LEN, "gpu_memory_utilization": args.gpu_memory_utilization,
                 "chunk_tokens": args.chunk_tokens, "gen_tokens": args.gen_tokens,
@@ -275,8 +278,11 @@ def build_plan(args, token_ids: dict) -> list[dict]:
     return cases
 
 
-def case_env(site: str) -> dict:
+def case_env(site: str, boundary_layers: int | None = None) -> dict:
     env = dict(os.environ)
+    env.pop("TQ_BOUNDARY_LAYERS", None)  # only --boundary-layers sets it: records must say what ran
+    if boundary_layers is not None:
+        env["TQ_BOUNDARY_LAYERS"] = str(boundary_layers)
     env.update(
         PYTHONPATH=site, PYTHONUNBUFFERED="1",
         VLLM_ENABLE_V1_MULTIPROCESSING="0",  # in-process engine core: the case reads its scheduler
@@ -288,18 +294,19 @@ def case_env(site: str) -> dict:
 
 
 def case_record_base(case: dict) -> dict:
-    return {"case": case["id"], "model": case["model"], "kv_cache_dtype": case["kv_cache_dtype"], "ok": False,
+    return {"case": case["id"], "model": case["model"], "kv_cache_dtype": case["kv_cache_dtype"],
+            "label": case.get("label", case["kv_cache_dtype"]), "boundary_layers": case.get("boundary_layers"), "ok": False,
             "error": None, "ppl": None, "outputs": None, "skipped_layers": None, "layer_backends": None}
 
 
 def run_one(case: dict, timeout_s: float, log_path: pathlib.Path, site: str, script: pathlib.Path | None = None) -> dict:
     """One case in its own process group (`script --case SPEC`, this file unless a test swaps it)."""
-    spec = {k: v for k, v in case.items() if k not in ("id", "model")}
+    spec = {k: v for k, v in case.items() if k not in ("id", "model", "label")}
     record = case_record_base(case)
     t0 = time.time()
     with open(log_path, "w") as log:
         process = subprocess.Popen([sys.executable, str(script or pathlib.Path(__file__).resolve()), "--case", json.dumps(spec)],
-                                   cwd=REPO, env=case_env(site), stdout=log, stderr=subprocess.STDOUT,
+                                   cwd=REPO, env=case_env(site, case.get("boundary_layers")), stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)
         try:
             process.wait(timeout=timeout_s)
@@ -350,6 +357,8 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--num-prompts", type=int, default=8)
     parser.add_argument("--timeout-per-case", type=float, default=300)
     parser.add_argument("--min-case-s", type=float, default=60, help="do not start a case with less time left")
+    parser.add_argument("--boundary-layers", type=int, help="TQ_BOUNDARY_LAYERS for the cases (default: unset = the"
+                        " patched default 2); TurboQuant rows get the label <dtype>@b<N>")
     parser.add_argument("--site", default="/tmp/site-patched", help="PYTHONPATH of the case processes")
     parser.add_argument("--models-root", type=pathlib.Path, default=pathlib.Path("/tmp/tqmodels/hf"))
     parser.add_argument("--token-ids", type=pathlib.Path, default=TOKEN_IDS)
@@ -363,6 +372,8 @@ def parse_args(argv: list[str] | None = None):
         parser.error("--parallel must be >= 1")
     if not 0.05 <= args.gpu_memory_utilization <= 0.95:
         parser.error("--gpu-memory-utilization must be within [0.05, 0.95]")
+    if args.boundary_layers is not None and args.boundary_layers < 0:
+        parser.error("--boundary-layers must be >= 0")
     if args.chunk_tokens < 16:
         parser.error("--chunk-tokens must be >= 16")
     if "auto" not in args.dtypes:

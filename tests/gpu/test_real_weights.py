@@ -80,6 +80,19 @@ def test_summary_compares_every_dtype_with_auto_and_keeps_failures():
                                              "turboquant_layers": [2, 3], "error": "ValueError: boom"}
 
 
+def test_boundary_variant_is_its_own_row_against_the_same_auto(capsys):
+    args = rw.parse_args(["--dry-run", "--models", "smollm2-135m", "--boundary-layers", "0"])
+    plan = rw.build_plan(args, rw.load_token_ids(rw.TOKEN_IDS))
+    assert [c["id"] for c in plan][:2] == ["smollm2-135m/auto", "smollm2-135m/turboquant_4bit_nc@b0"]
+    assert rw.case_env("/site", 0)["TQ_BOUNDARY_LAYERS"] == "0"
+    assert "TQ_BOUNDARY_LAYERS" not in rw.case_env("/site")
+    records = [record("m", "auto", ppl=10.0, outputs=[[1]]),
+               dict(record("m", "turboquant_4bit_nc", ppl=11.0, outputs=[[2]]), label="turboquant_4bit_nc@b0")]
+    summary = rw.summarize(records)["m"]
+    assert summary["turboquant_4bit_nc@b0"]["ppl_delta_pct"] == pytest.approx(10.0)
+    assert summary["turboquant_4bit_nc@b0"]["token_agreement"] == 0
+
+
 def test_summary_without_an_auto_baseline_has_no_deltas():
     summary = rw.summarize([record("m", "turboquant_4bit_nc", ppl=10.0, outputs=[[1]])])["m"]
     assert summary["auto"]["ok"] is False and summary["auto"]["error"] == "not run"
