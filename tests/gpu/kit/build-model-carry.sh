@@ -66,4 +66,5 @@ split -b "${MAX_PART_MIB}M" -a 2 "$STAGE/tqmodels.tar" "$PARTS/tqmodels.tar.part
 (cd "$PARTS" && sha256sum tqmodels.tar.part-*) >> "$PARTS/SHA256SUMS"
 rm "$STAGE/tqmodels.tar"
 ls -l "$PARTS"
-echo "build-model-carry: $(ls "$PARTS"/tqmodels.tar.part-* | wc -l) parts of <= $MAX_PART_MIB MiB"
+made=("$PARTS"/tqmodels.tar.part-*)
+echo "build-model-carry: ${#made[@]} parts of <= $MAX_PART_MIB MiB"

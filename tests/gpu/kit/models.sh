@@ -37,8 +37,9 @@ if [[ $mode == stash ]]; then
 fi
 
 [[ -f $STASH/SHA256SUMS ]] || { echo "models: no SHA256SUMS in $STASH or $CARRIED" >&2; exit 1; }
+mapfile -t parts < <(awk '/part-/{print $2}' "$STASH/SHA256SUMS")  # in split order (aa, ab, ...)
 missing=()
-for part in $(awk '/part-/{print $2}' "$STASH/SHA256SUMS"); do
+for part in "${parts[@]}"; do
   [[ -f $STASH/$part ]] || missing+=("$part")
 done
 if ((${#missing[@]})); then
@@ -47,7 +48,7 @@ if ((${#missing[@]})); then
 fi
 [[ -d $SITE ]] || { echo "models: TQMODELS_SITE $SITE does not exist (run tests/gpu/kit/install.sh first)" >&2; exit 1; }
 t0=$SECONDS
-cat $(awk '/part-/{print "'"$STASH"'/"$2}' "$STASH/SHA256SUMS") > "$TMP_ROOT/tqmodels.tar"
+(cd "$STASH" && cat "${parts[@]}") > "$TMP_ROOT/tqmodels.tar"
 (cd "$TMP_ROOT" && grep ' tqmodels.tar$' "$STASH/SHA256SUMS" | sha256sum -c --quiet) \
   || { echo "models: reassembled tar checksum mismatch" >&2; exit 1; }
 rm -rf "$STASH/x" && mkdir -p "$STASH/x"
