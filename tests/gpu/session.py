@@ -33,6 +33,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 PACK_LIMIT = 15 * 1024 * 1024  # $OUT takes files up to 16 MiB
+# The multi-GPU hosts are shared: NVLink multicast must stay off in every process (device KINDS.md).
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 @dataclass
@@ -92,7 +94,7 @@ def start(lane: Lane, state: Path, deadline_s: float) -> tuple[subprocess.Popen,
     out = state / lane.name
     out.mkdir(parents=True, exist_ok=True)
     lane_deadline = max(min(deadline_s, lane.max_s or deadline_s) - lane.reserve_s, 30)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": lane.gpus, "OUT": str(out),
+    env = {**os.environ, **NO_MULTICAST, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": lane.gpus, "OUT": str(out),
            **{k: v.replace("{out}", str(out)).replace("{deadline}", str(int(lane_deadline)))
               for k, v in lane.env.items()}}
     argv = lane.command(out, lane_deadline)
@@ -144,6 +146,7 @@ def main() -> int:
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args()
     t0 = time.time()
+    os.environ.update(NO_MULTICAST)
     setup, exclusive, concurrent = phase_lanes(args.phase)
     if args.lanes:
         wanted = set(args.lanes.split(","))
