@@ -35,10 +35,13 @@ include images/images.mk
 include patches/patches.mk
 include bench/bench.mk
 
-# CPU-side tests of the GPU-host scripts (argv plans, flag existence in the 0.26.0 wheel, fidelity maths).
+# CPU-side tests of the GPU-host scripts (argv plans, flag existence in the 0.26.0 wheel, fidelity maths,
+# real-weight carry/summary, image-probe fixtures). The image probe's processor checks need the patched
+# vLLM tree and its CPU torch, so that file runs a second time in .venv-vllm.
 .PHONY: test-gpu-scripts
-test-gpu-scripts: venv patches-pristine
-	$(VPY) -m pytest tests/gpu/stacks tests/gpu/bench
+test-gpu-scripts: venv patches-trees $(VLLM_VENV)/.installed
+	$(VPY) -m pytest -q tests/gpu/stacks tests/gpu/bench tests/gpu/test_real_weights.py tests/gpu/test_mm_prefix_probe.py
+	PYTHONPATH=$(VLLM_PATCHED) $(VLLM_VPY) -m pytest -q -p no:cacheprovider tests/gpu/test_mm_prefix_probe.py
 
 test: test-configs images-check patches-check test-bench test-gpu-scripts
 	@echo "make test: all suites passed"
