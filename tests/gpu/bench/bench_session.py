@@ -318,7 +318,8 @@ class Lane:
                 rep_dir = state / f"h{repeat}-{name}"
                 self.step("harness", f"harness {name} repeat {repeat}",
                           self.tqbench(config_path, rep_dir, base_url, SERVED_NAME, "latency", name),
-                          rep_dir / "logs" / "tqbench.log", self.client_env, keep=quality_keep + self.guess("vllm_bench"))
+                          rep_dir / "logs" / f"tqbench-latency-{dtype}-{name}-rep{repeat}.log", self.client_env,
+                          keep=quality_keep + self.guess("vllm_bench"))
                 if not (rep_dir / "latency.csv").exists():
                     continue  # no harness number, so no pair to compare
                 result_dir = state / "vllm-bench"

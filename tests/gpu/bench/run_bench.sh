@@ -5,15 +5,18 @@
 # full-size config and dummy weights (capacity; harness and `vllm bench serve` interleaved, repeated), then
 # SmolLM2-135M quality; merged into one tqbench run dir. --out gets bench-run.tar.gz, fidelity.json,
 # session.log. Other flags go to bench_session.py (--dry-run prints the plan; --repeats N; --dtypes ...).
-# ENFORCE_EAGER=0 drops --enforce-eager (torch.compile + CUDA graphs: slower start).
+# ENFORCE_EAGER=0 drops --enforce-eager (torch.compile + CUDA graphs: slower start). Also accepted:
+# `run_bench.sh auto,turboquant_4bit_nc` with OUT and BUDGET_S in the environment (tests/gpu/session.py).
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/../../.." && pwd)"
 SITE="${SITE:-/tmp/site-patched}"
 EXTRA_SITE="${EXTRA_SITE:-/tmp/site-extra}"
 STATE="${STATE:-/tmp/tq-bench}"
 OUT_DIR="${OUT:-$ROOT/out}"
-DEADLINE=540
+DEADLINE="${BUDGET_S:-540}"
 ARGS=()
+# A first argument without -- is the dtype list (tests/gpu/session.py calls `run_bench.sh auto,turboquant_4bit_nc`).
+if [[ $# -gt 0 && "$1" != --* ]]; then ARGS+=(--dtypes "$1"); shift; fi
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --out) OUT_DIR="$2"; shift 2 ;;
