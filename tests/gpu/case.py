@@ -163,7 +163,8 @@ def run_case(spec: dict, record: dict) -> None:
         record.update(probe_manager(llm, context_len=context_len))
         if spec["admission"] == "engine":
             record.update(probe_engine(llm, record["admitted_32k"], context_len=context_len,
-                                       wall_limit_s=spec.get("engine_wall_limit_s", 420)))
+                                       wall_limit_s=spec.get("engine_wall_limit_s", 420),
+                                       only_n_plus_1=spec.get("engine_only_n_plus_1", False)))
     record["ok"] = True
 
 

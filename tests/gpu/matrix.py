@@ -196,8 +196,8 @@ def run_one(case: dict, timeout_s: float, log_path: pathlib.Path, gpu: str, date
 
 def mirror_to_out(results: pathlib.Path, logs: pathlib.Path, date: str) -> None:
     out = os.environ.get("OUT")
-    if not out:
-        return
+    if not out or pathlib.Path(out).resolve() == results.parent.resolve():
+        return  # no $OUT, or the results already live there (a session lane packs its own directory)
     shutil.copy(results, pathlib.Path(out) / results.name)
     with tarfile.open(pathlib.Path(out) / f"logs-{date}-h200.tar.xz", "w:xz") as tar:
         tar.add(logs, arcname=f"logs-{date}")
@@ -217,6 +217,8 @@ def main() -> int:
     parser.add_argument("--results-dir", default="/tmp/tqresults")
     parser.add_argument("--resume", nargs="*", default=[], help="earlier result files: their cases are skipped")
     parser.add_argument("--admission-mode", choices=["manager", "engine"], default="manager")
+    parser.add_argument("--engine-only-n-plus-1", action="store_true",
+                        help="engine mode: run only N+1 (N confirmed by an earlier record); case id gets +engine-n1")
     parser.add_argument("--max-num-batched-tokens", type=int, default=None,
                         help="engine max_num_batched_tokens for every case (case ids get @mnbt<N>); it sets "
                              "vLLM's admission reserve for sliding-window layers, so it moves Gemma 4's 32K concurrency")
@@ -240,7 +242,8 @@ def main() -> int:
         if case.get("admission"):
             case["admission"] = args.admission_mode
             if args.admission_mode == "engine":  # its own record: the manager-mode record stays
-                case["id"] += "+engine"
+                case["id"] += "+engine-n1" if args.engine_only_n_plus_1 else "+engine"
+                case["engine_only_n_plus_1"] = args.engine_only_n_plus_1
         if args.max_num_batched_tokens:
             case["extra_engine_args"] = {**case.get("extra_engine_args", {}),
                                          "max_num_batched_tokens": args.max_num_batched_tokens}
@@ -274,7 +277,7 @@ def main() -> int:
         timeout = min(args.timeout_per_case, left)
         if case.get("admission") == "engine":
             # leave start-up, generation and the manager probe their time, so the record is written
-            case["engine_wall_limit_s"] = max(60.0, timeout - 150)
+            case["engine_wall_limit_s"] = max(60.0, timeout - 110)
         print(f"run  {case['id']} (timeout {timeout:.0f} s)", flush=True)
         record, _ = run_one(case, timeout, logs / (case["id"].replace("/", "__") + ".log"), gpu, args.date)
         if record["timed_out"] and timeout < args.timeout_per_case:

@@ -80,6 +80,8 @@ class LayerRecorder:
         self.layer_types = layer_types
         self.sliding_window = sliding_window
         self.calls: dict[int, dict] = {}  # first prefill call per layer index
+        # Off until the probe's own request: start-up runs dummy prefills (8 tokens, no image) first.
+        self.active = False
         self.errors: list[str] = []
 
     def install(self) -> list[str]:
@@ -117,6 +119,8 @@ class LayerRecorder:
 
         from mm_prefix.expect import expected_bidirectional_positions, judge_sliding_layer, row_positions
 
+        if not self.active:
+            return
         name = getattr(layer, "layer_name", "") or ""
         match = re.search(r"language_model\.model\.layers\.(\d+)\.", name)
         if meta is None or not match or getattr(meta, "max_query_len", 1) <= 1:
@@ -213,6 +217,7 @@ def run_child(spec: dict, record: dict) -> None:
         {"prompt": words(100, 150)},
     ]
     params = SamplingParams(max_tokens=4, ignore_eos=True, temperature=0.0)
+    recorder.active = True
     outputs = llm.generate(prompts, params, use_tqdm=False)
     record["generated_tokens"] = [len(o.outputs[0].token_ids) for o in outputs]
     image_prompt = list(outputs[0].prompt_token_ids)

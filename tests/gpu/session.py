@@ -83,7 +83,21 @@ def phase_lanes(phase: str) -> tuple[list[list[str]], list[Lane], list[Lane]]:
                  env={"ENFORCE_EAGER": "1", "BUDGET_S": "{deadline}", "OUT": "{out}"}),
         ]
         return [], [], concurrent
-    raise SystemExit(f"--phase: unknown {phase!r}; valid: a, b")
+    if phase == "c":  # a fresh machine: what phases a and b left undone
+        setup = [["bash", "tests/gpu/kit/install.sh"]]
+        concurrent = [
+            Lane("mm-prefix", "0", [*PY, "tests/gpu/mm_prefix_probe.py", "--out", "{out}",
+                                    "--deadline-s", "{deadline}"], env={"PYTHONPATH": "/tmp/site-patched"}),
+            Lane("admission-n1", "1", [*PY, "tests/gpu/matrix.py", "--variants", "patched",
+                                       "--cases", "^patched/gemma-4-31b-it/turboquant_4bit_nc",
+                                       "--admission-mode", "engine", "--engine-only-n-plus-1",
+                                       "--max-num-batched-tokens", "2048", "--results-dir", "{out}",
+                                       "--deadline-s", "{deadline}", "--timeout-per-case", "{deadline}"]),
+            Lane("stock", "2", [*PY, "tests/gpu/matrix.py", "--variants", "unpatched", "--cases", STOCK_CASES,
+                                "--results-dir", "{out}", "--deadline-s", "{deadline}", "--timeout-per-case", "240"]),
+        ]
+        return setup, [], concurrent
+    raise SystemExit(f"--phase: unknown {phase!r}; valid: a, b, c")
 
 
 def log(message: str) -> None:
