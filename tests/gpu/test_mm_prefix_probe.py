@@ -98,3 +98,23 @@ def test_vllm_gemma4_processor_accepts_the_offline_folder(tmp_path):
     (start, end), = out["mm_placeholders"]["image"][0].extract_embeds_range()
     assert ids[:2] == [5, 6] and ids[start - 1] == 1000 and ids[end + 1] == 1001 and ids[-2:] == [7, 8]
     assert image_ranges(ids, 1002) == [(start, end)] and end - start + 1 > 1
+
+
+def test_judge_finds_the_image_request_wherever_the_scheduler_put_it():
+    """GPU run 2026-11-21: the text request came first in the batch; the verdict must not assume index 0."""
+    from mm_prefix_probe import judge_case
+
+    types = ["sliding_attention", "full_attention"]
+    sliding = {"layer": 0, "impl": "TritonAttentionImpl", "kv_cache_dtype": "auto",
+               "mm_prefix_range_tensor": [[[0, 0]], [[31, 296]]],
+               "rerun_without_ranges": {"0": {"bidirectional": False, "outside_bit_identical": True},
+                                        "1": {"bidirectional": True, "outside_bit_identical": True}}}
+    full = {"layer": 1, "impl": "TurboQuantAttentionImpl", "kv_cache_dtype": "turboquant_4bit_nc",
+            "mm_prefix_range_tensor": None}
+    record = {"image_ranges": [[31, 296]], "layers": [sliding, full]}
+    assert judge_case(record, types)["verdict"] == "bidirectional_proven"
+    # a range on the text request too, or a sliding layer that stayed causal, is not a proof
+    both = dict(sliding, mm_prefix_range_tensor=[[[31, 296]], [[31, 296]]])
+    assert judge_case(dict(record, layers=[both, full]), types)["verdict"] == "not_proven"
+    causal = dict(sliding, rerun_without_ranges={"1": {"bidirectional": False, "outside_bit_identical": True}})
+    assert judge_case(dict(record, layers=[causal, full]), types)["verdict"] == "not_proven"
