@@ -36,8 +36,8 @@ def _run(argv: list[str], cwd: Path | None = None) -> str | None:
 
 
 def git_info() -> dict[str, Any]:
-    # A copied tree (an image, the GPU host) has no .git: the caller can pass the commit.
-    commit = _run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT) or os.environ.get("TQSTACK_COMMIT")
+    # A copied tree (an image, the GPU host) has no .git, or a stale one: an explicit TQSTACK_COMMIT wins.
+    commit = os.environ.get("TQSTACK_COMMIT") or _run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT)
     dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT)
     return {"commit": commit, "dirty": bool(dirty) if dirty is not None else None}
 
