@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 import traceback
@@ -29,6 +30,36 @@ def exception_chain(error: BaseException) -> str:
         lines.append("".join(traceback.format_exception_only(type(error), error)).strip())
         error = error.__cause__ or error.__context__
     return "\n".join(reversed(lines))
+
+
+def run_marked_process(argv: list[str], env: dict, log_path, timeout_s: float, marker: str,
+                       cwd=None) -> tuple[dict | None, str, int, bool]:
+    """Run one case process in its own process group, all output into ``log_path``; on timeout kill the
+    group. Returns (the last ``marker`` line's JSON or None, the log text, return code, timed out)."""
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        try:
+            process.wait(timeout=timeout_s)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, 9)
+            process.wait()
+            timed_out = True
+    text = open(log_path, errors="replace").read()
+    results = [line[len(marker):] for line in text.splitlines() if line.startswith(marker)]
+    return (json.loads(results[-1]) if results else None), text, process.returncode, timed_out
+
+
+def engine_layer_facts(llm) -> dict:
+    """Final skip list and the backend/KV dtype of every attention layer of a started in-process engine."""
+    vllm_config = llm.llm_engine.vllm_config
+    layers = describe_layers(vllm_config)
+    if not layers:  # the worker may hold its own copy of the config
+        worker = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker
+        layers = describe_layers(getattr(worker, "worker", worker).model_runner.vllm_config)
+    return {"skipped_layers": list(vllm_config.cache_config.kv_cache_dtype_skip_layers or []),
+            "layer_backends": summarize_layers(layers), "num_attention_layers": len(layers)}
 
 
 def layer_index(name: str) -> int | None:
@@ -134,14 +165,8 @@ def run_case(spec: dict, record: dict) -> None:
     llm = LLM(**engine_kwargs)
     record["startup_s"] = round(time.time() - t0, 1)
     vllm_config = llm.llm_engine.vllm_config
-    record["skipped_layers"] = list(vllm_config.cache_config.kv_cache_dtype_skip_layers or [])
     core = llm.llm_engine.engine_core.engine_core
-    layers = describe_layers(vllm_config)
-    if not layers:  # the worker may hold its own copy of the config
-        worker = core.model_executor.driver_worker
-        layers = describe_layers(getattr(worker, "worker", worker).model_runner.vllm_config)
-    record["layer_backends"] = summarize_layers(layers)
-    record["num_attention_layers"] = len(layers)
+    record.update(engine_layer_facts(llm))
     record.update(describe_kv_cache(core.scheduler, vllm_config))
 
     # Small batch: distinct token-id prompts, fixed output length.

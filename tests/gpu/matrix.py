@@ -17,7 +17,6 @@ retries them; cases that exceed --timeout-per-case are recorded as failures.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import pathlib
@@ -30,6 +29,8 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 CASE_SCRIPT = REPO / "tests/gpu/case.py"
+sys.path.insert(0, str(CASE_SCRIPT.parent))
+from case import RESULT_MARKER, run_marked_process  # noqa: E402  (case.py is stdlib-only at import)
 KV_DTYPES = ["auto", "turboquant_4bit_nc", "turboquant_k8v4", "turboquant_k3v4_nc", "turboquant_3bit_nc"]
 CONTEXT_LEN = 32768
 
@@ -160,27 +161,14 @@ def run_one(case: dict, timeout_s: float, log_path: pathlib.Path, gpu: str, date
     spec = {k: v for k, v in case.items() if k not in ("id", "variant", "model")}
     wait_for_free_gpu()
     t0 = time.time()
-    with open(log_path, "w") as log:
-        process = subprocess.Popen([sys.executable, str(CASE_SCRIPT), json.dumps(spec)], cwd=REPO,
-                                   env=case_env(case["variant"]), stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-        try:
-            process.wait(timeout=timeout_s)
-            timed_out = False
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)
-            process.wait()
-            timed_out = True
+    result, text, returncode, timed_out = run_marked_process(
+        [sys.executable, str(CASE_SCRIPT), json.dumps(spec)], case_env(case["variant"]), log_path, timeout_s,
+        RESULT_MARKER, cwd=REPO)
     elapsed = round(time.time() - t0, 1)
-    text = log_path.read_text(errors="replace")
-    result = None
-    for line in text.splitlines():
-        if line.startswith("TQCASE-RESULT "):
-            result = json.loads(line[len("TQCASE-RESULT "):])
     record = dict(
         date=date, case=case["id"], model=case["model"], model_dir=os.path.relpath(case["model_dir"], REPO),
         kv_cache_dtype=case["kv_cache_dtype"], variant=case["variant"], patched=case["variant"] == "patched",
-        max_model_len=case["max_model_len"], gpu=gpu, elapsed_s=elapsed, returncode=process.returncode,
+        max_model_len=case["max_model_len"], gpu=gpu, elapsed_s=elapsed, returncode=returncode,
         timed_out=timed_out, ok=False, kv_cache_tokens=None, max_concurrency=None, admitted_32k=None,
         skipped_layers=None, layer_backends=None, error=None,
     )
@@ -190,7 +178,7 @@ def run_one(case: dict, timeout_s: float, log_path: pathlib.Path, gpu: str, date
     elif timed_out:
         record["error"] = f"timeout after {timeout_s:.0f} s; last lines:\n{last_exception_lines(text)}"
     else:
-        record["error"] = f"case process exited {process.returncode} without a result:\n{last_exception_lines(text)}"
+        record["error"] = f"case process exited {returncode} without a result:\n{last_exception_lines(text)}"
     return record, False
 
 

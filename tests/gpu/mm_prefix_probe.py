@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 import traceback
@@ -32,6 +31,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+from case import exception_chain, run_marked_process  # noqa: E402  (case.py is stdlib-only at import)
 TINY_CONFIG = REPO / "tests" / "fixtures" / "tiny-configs" / "tiny_gemma4" / "config.json"
 GEMMA4_31B_CONFIG = REPO / "configs" / "hf" / "gemma-4-31b-it" / "config.json"
 RESULT_MARKER = "MMPREFIX-RESULT "
@@ -60,15 +61,6 @@ CASE_31B = {"name": "patched/gemma-4-31b-it/turboquant_4bit_nc", "variant": "pat
 
 def log(msg: str) -> None:
     print(f"[mm_prefix {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def exception_chain(error: BaseException) -> str:
-    lines, seen = [], set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        lines.append("".join(traceback.format_exception_only(type(error), error)).strip())
-        error = error.__cause__ or error.__context__
-    return "\n".join(reversed(lines))
 
 
 # --------------------------------------------------------------------------- child (one case)
@@ -338,18 +330,10 @@ def run_case_subprocess(spec: dict, out: Path, timeout_s: float) -> dict:
                VLLM_USE_FLASHINFER_SAMPLER="0", VLLM_PLUGINS="")
     spec = dict(spec, model_root=str(out / "models"))
     command = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
-    with open(log_path, "w") as log_file:
-        try:
-            proc = subprocess.run(command, stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                                  timeout=timeout_s, start_new_session=True)
-            rc = proc.returncode
-        except subprocess.TimeoutExpired:
-            rc = None
-    text = log_path.read_text(errors="replace")
-    results = [line[len(RESULT_MARKER):] for line in text.splitlines() if line.startswith(RESULT_MARKER)]
-    if results:
-        return json.loads(results[-1])
-    reason = f"timeout after {timeout_s:.0f} s" if rc is None else f"exit code {rc} without a result"
+    result, text, rc, timed_out = run_marked_process(command, env, log_path, timeout_s, RESULT_MARKER)
+    if result is not None:
+        return result
+    reason = f"timeout after {timeout_s:.0f} s" if timed_out else f"exit code {rc} without a result"
     return {"case": spec["name"], "ok": False, "error": reason, "log_tail": text[-3000:]}
 
 

@@ -30,13 +30,14 @@ import math
 import os
 import pathlib
 import queue
-import subprocess
 import sys
 import threading
 import time
 
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+from case import run_marked_process  # noqa: E402  (case.py is stdlib-only at import)
 TOKEN_IDS = HERE / "real_weights" / "token_ids.json"
 RESULT_MARKER = "TQRW-RESULT "
 MODELS = {
@@ -125,7 +126,7 @@ def summarize(records: list[dict]) -> dict:
 def run_case(spec: dict, record: dict) -> None:
     """Fills `record` as it goes, so a failure keeps what was learned before it."""
     sys.path.insert(0, str(HERE))  # case.py helpers
-    from case import describe_kv_cache, describe_layers, summarize_layers
+    from case import describe_kv_cache, engine_layer_facts
 
     t0 = time.time()
     import torch
@@ -158,14 +159,8 @@ def run_case(spec: dict, record: dict) -> None:
         llm = LLM(**engine_kwargs)
     record["startup_s"] = round(time.time() - t0, 1)
     vllm_config = llm.llm_engine.vllm_config
-    record["skipped_layers"] = list(vllm_config.cache_config.kv_cache_dtype_skip_layers or [])
     core = llm.llm_engine.engine_core.engine_core
-    layers = describe_layers(vllm_config)
-    if not layers:  # the worker may hold its own copy of the config
-        worker = core.model_executor.driver_worker
-        layers = describe_layers(getattr(worker, "worker", worker).model_runner.vllm_config)
-    record["layer_backends"] = summarize_layers(layers)
-    record["num_attention_layers"] = len(layers)
+    record.update(engine_layer_facts(llm))
     record["turboquant_layers"] = sorted(
         i for key, idx in record["layer_backends"].items() if "/turboquant" in key for i in idx)
     try:
@@ -308,29 +303,16 @@ def run_one(case: dict, timeout_s: float, log_path: pathlib.Path, site: str, scr
     spec = {k: v for k, v in case.items() if k not in ("id", "model", "label")}
     record = case_record_base(case)
     t0 = time.time()
-    with open(log_path, "w") as log:
-        process = subprocess.Popen([sys.executable, str(script or pathlib.Path(__file__).resolve()), "--case", json.dumps(spec)],
-                                   cwd=REPO, env=case_env(site, case.get("boundary_layers")), stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-        try:
-            process.wait(timeout=timeout_s)
-            timed_out = False
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)
-            process.wait()
-            timed_out = True
-    text = log_path.read_text(errors="replace")
-    result = None
-    for line in text.splitlines():
-        if line.startswith(RESULT_MARKER):
-            result = json.loads(line[len(RESULT_MARKER):])
+    argv = [sys.executable, str(script or pathlib.Path(__file__).resolve()), "--case", json.dumps(spec)]
+    result, text, returncode, timed_out = run_marked_process(
+        argv, case_env(site, case.get("boundary_layers")), log_path, timeout_s, RESULT_MARKER, cwd=REPO)
     if result is not None:
         record.update(result)
     else:
         tail = "\n".join(line for line in text.splitlines() if line.strip())[-1500:].splitlines()[-6:]
-        why = f"timeout after {timeout_s:.0f} s" if timed_out else f"case process exited {process.returncode}"
+        why = f"timeout after {timeout_s:.0f} s" if timed_out else f"case process exited {returncode}"
         record["error"] = f"{why} without a result; last log lines:\n" + "\n".join(tail)
-    record.update(elapsed_s=round(time.time() - t0, 1), returncode=process.returncode, timed_out=timed_out,
+    record.update(elapsed_s=round(time.time() - t0, 1), returncode=returncode, timed_out=timed_out,
                   log=str(log_path.name))
     return record
 
