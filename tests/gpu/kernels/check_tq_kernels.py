@@ -1,0 +1,346 @@
+"""TurboQuant kernel check and micro-benchmark, no server start.
+
+Correctness: for every preset and head dim 64/256/512, keys and values are stored with
+tqstack's store kernel (anchors on), then
+  * tqstack's decode kernel is compared with an independent fp64 reference
+    (tq_reference: unpack the bytes with torch, exact attention), tolerance
+    DECODE_TOL relative L2 (fp16 tensor-core operands);
+  * the continuation-prefill dequantization is compared with the same reference
+    (DEQUANT_TOL, fp16 output);
+  * the sink must come back bit-exact and the centre must not change attention
+    (the reference also reads mu + dequant).
+Speed (--bench): per shape (model full layers, context, batch), µs per call of
+  upstream's 0.26.0 TurboQuant decode, tqstack's decode, and a bf16 paged Triton
+  decode over the same shape, with achieved bytes/s against a measured copy bandwidth.
+
+  python3 tests/gpu/kernels/check_tq_kernels.py [--bench] [--out results.jsonl]
+
+Runs with a full vLLM on PYTHONPATH or, without one, from the kernel sources copied by
+tests/gpu/kernels/stage_sources.sh (pure Triton files only).
+Interpreter mode (TRITON_INTERPRET=1, CPU) runs the correctness part at small sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import tq_reference as ref  # noqa: E402
+
+DECODE_TOL = 1e-2  # fp16 operands on tensor cores, fp32 accumulation
+DEQUANT_TOL = 2e-3  # fp16 rounding of dequantized K/V
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def import_kernels():
+    try:
+        import vllm  # noqa: F401
+
+        source = "vllm"
+    except ImportError:
+        import stub_vllm
+
+        stub_vllm.install(Path(os.environ.get("TQ_KERNEL_SOURCES", "build/tq-kernel-sources")))
+        source = "staged sources"
+    from vllm.model_executor.layers.quantization.turboquant.centroids import get_centroids
+    from vllm.v1.attention.ops import tqstack_turboquant as tq
+    from vllm.v1.attention.ops import triton_turboquant_decode as upstream_decode
+
+    return tq, upstream_decode, get_centroids, source
+
+
+def make_cache(num_blocks, page, hk, d, preset, device):
+    key_bits, val_bits, _ = ref.PRESETS[preset]
+    kps = d if key_bits == 8 else math.ceil(d * key_bits / 8) + 2
+    slot = kps + math.ceil(d * val_bits / 8) + 4
+    slot += slot % 2
+    return torch.zeros(num_blocks, page, hk, slot, dtype=torch.uint8, device=device), kps
+
+
+def realistic_keys(n, hk, d, device, dtype, gen):
+    """Keys with a shared per-channel offset and a large first (sink) token, as
+    seen in Gemma-family models; values plain Gaussian."""
+    offset = torch.randn(hk, d, device=device, generator=gen) * 3.0
+    k = torch.randn(n, hk, d, device=device, generator=gen) + offset
+    k[0] = k[0] * 4.0
+    v = torch.randn(n, hk, d, device=device, generator=gen)
+    return k.to(dtype), v.to(dtype)
+
+
+def store_request(tq, cache, side, keys, values, block_row, preset, Pi_T, centroids, kps, chunk):
+    """Store one request chunk by chunk through the anchor + store kernels."""
+    key_bits, val_bits, nc = ref.PRESETS[preset]
+    device = keys.device
+    page = cache.shape[1]
+    n = keys.shape[0]
+    midpoints = (centroids[:-1] + centroids[1:]) / 2
+    bt = block_row[None, :].to(torch.int32)
+    for start in range(0, n, chunk):
+        end = min(n, start + chunk)
+        qsl = torch.tensor([0, end - start], dtype=torch.int32, device=device)
+        seq = torch.tensor([end], dtype=torch.int32, device=device)
+        k, v = keys[start:end], values[start:end]
+        tq.tq_write_anchors(k, v, side, qsl, seq, bt)
+        blk = tq.token_anchor_blocks(end - start, qsl, bt)
+        centre = side[blk, :, tq.ANCHOR_MU]
+        pos = torch.arange(start, end, device=device)
+        slots = (block_row[pos // page].long() * page + pos % page).to(torch.int64)
+        tq.tq_store(k, v, cache, slots, centre, Pi_T, centroids, midpoints,
+                    mse_bits=0 if key_bits == 8 else key_bits, key_packed_size=kps,
+                    value_quant_bits=val_bits, key_fp8=key_bits == 8, norm_correction=nc)
+
+
+def check_case(tq, get_centroids, preset, d, hq, hk, seq_lens, page, device, dtype, gen, splits=32):
+    key_bits, val_bits, nc = ref.PRESETS[preset]
+    B = len(seq_lens)
+    blocks_per = [math.ceil(s / page) for s in seq_lens]
+    num_blocks = sum(blocks_per) + 3
+    cache, kps = make_cache(num_blocks, page, hk, d, preset, device)
+    side = torch.zeros(num_blocks, hk, 3, d, dtype=dtype, device=device)
+    Pi, Pi_T = tq.tq_rotation(d, device)
+    centroids = get_centroids(d, val_bits if key_bits == 8 else key_bits).float().to(device)
+    perm = torch.randperm(num_blocks - 1, generator=torch.Generator().manual_seed(1)) + 1
+    bt = torch.zeros(B, max(blocks_per), dtype=torch.int32, device=device)
+    kv = []
+    used = 0
+    for b, s in enumerate(seq_lens):
+        row = perm[used : used + blocks_per[b]].to(device)
+        used += blocks_per[b]
+        bt[b, : blocks_per[b]] = row.to(torch.int32)
+        keys, values = realistic_keys(s, hk, d, device, dtype, gen)
+        store_request(tq, cache, side, keys, values, row, preset, Pi_T, centroids, kps, chunk=max(1, s // 3))
+        kv.append((keys, values))
+    q = torch.randn(B, hq, d, device=device, dtype=dtype, generator=gen)
+    scale = 1.0 / math.sqrt(d)
+    seq_t = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    out = torch.full((B, hq, d), float("nan"), dtype=dtype, device=device)
+    tq.tq_decode(q, cache, side, bt, seq_t, Pi_T, centroids, scale, key_bits, kps, val_bits,
+                 num_splits=splits, output=out)
+    errs, quant_errs, deq_errs = [], [], []
+    sink_exact = True
+    for b, s in enumerate(seq_lens):
+        k_ref, v_ref = ref.dequantize_tokens(cache, bt[b], s, preset, centroids, Pi, side)
+        o_ref = ref.attention(q[b], k_ref, v_ref, scale)
+        errs.append(ref.relative_error(out[b], o_ref))
+        keys, values = kv[b]
+        o_exact = ref.attention(q[b], keys.double(), values.double(), scale)
+        quant_errs.append(ref.relative_error(o_ref, o_exact))
+        sink_exact &= bool(torch.equal(k_ref[0].to(dtype), keys[0]) and torch.equal(v_ref[0].to(dtype), values[0]))
+        # continuation-prefill dequantization of the same request
+        k_buf = torch.empty(hk, s, d, dtype=torch.float16, device=device)
+        v_buf = torch.empty_like(k_buf)
+        k_deq, v_deq = tq.tq_dequant_request(cache, bt[b], side, s, Pi, centroids, key_bits, kps,
+                                             val_bits, k_buf, v_buf, torch.float32)
+        deq_errs.append(max(ref.relative_error(k_deq, k_ref), ref.relative_error(v_deq, v_ref)))
+    nan_free = bool(torch.isfinite(out).all())
+    return {
+        "preset": preset, "head_dim": d, "num_heads": hq, "num_kv_heads": hk, "seq_lens": seq_lens,
+        "page": page, "decode_rel_err_max": max(errs), "decode_tol": DECODE_TOL,
+        "dequant_rel_err_max": max(deq_errs), "dequant_tol": DEQUANT_TOL,
+        "quantization_rel_err_vs_exact_attention": max(quant_errs),
+        "sink_exact": sink_exact, "all_written": nan_free,
+        "ok": nan_free and sink_exact and max(errs) <= DECODE_TOL and max(deq_errs) <= DEQUANT_TOL,
+    }
+
+
+def anchor_gain(tq, get_centroids, preset, d, seq_len, device, dtype, gen, trials=4):
+    """Attention error against exact attention (fp64, original K/V), with and without
+    anchors, on keys with a shared per-channel offset and a dominant first token;
+    queries lean towards the sink, as in real attention."""
+    key_bits, val_bits, nc = ref.PRESETS[preset]
+    page, hk, hq = 16, 1, 4
+    blocks = math.ceil(seq_len / page)
+    Pi, Pi_T = tq.tq_rotation(d, device)
+    centroids = get_centroids(d, val_bits if key_bits == 8 else key_bits).float().to(device)
+    midpoints = (centroids[:-1] + centroids[1:]) / 2
+    row = torch.arange(1, blocks + 1, device=device)
+    bt = row[None].to(torch.int32)
+    seq = torch.tensor([seq_len], dtype=torch.int32, device=device)
+    errs = {"anchored": [], "plain": []}
+    for _ in range(trials):
+        keys, values = realistic_keys(seq_len, hk, d, device, dtype, gen)
+        q = (0.0012 * keys[0].float() + torch.randn(hq, d, device=device, generator=gen)).to(dtype)[None]
+        exact = ref.attention(q[0], keys.double(), values.double(), 1 / math.sqrt(d))
+        for mode in errs:
+            cache, kps = make_cache(blocks + 1, page, hk, d, preset, device)
+            side = torch.zeros(blocks + 1, hk, 3, d, dtype=dtype, device=device)
+            if mode == "anchored":
+                store_request(tq, cache, side, keys, values, row, preset, Pi_T, centroids, kps, chunk=seq_len)
+            else:
+                slots = (row[torch.arange(seq_len, device=device) // page] * page
+                         + torch.arange(seq_len, device=device) % page)
+                tq.tq_store(keys, values, cache, slots, None, Pi_T, centroids, midpoints,
+                            mse_bits=0 if key_bits == 8 else key_bits, key_packed_size=kps,
+                            value_quant_bits=val_bits, key_fp8=key_bits == 8, norm_correction=nc)
+            out = tq.tq_decode(q, cache, side if mode == "anchored" else None, bt, seq, Pi_T, centroids,
+                               1 / math.sqrt(d), key_bits, kps, val_bits, num_splits=4)
+            errs[mode].append(ref.relative_error(out[0], exact))
+    return {"kind": "anchor_gain", "preset": preset, "head_dim": d, "seq_len": seq_len,
+            "attention_rel_err_anchored": sum(errs["anchored"]) / trials,
+            "attention_rel_err_plain": sum(errs["plain"]) / trials}
+
+
+def run_checks(tq, get_centroids, device, out_rows):
+    gen = torch.Generator(device=device).manual_seed(0)
+    dtype = torch.bfloat16 if not INTERPRET else torch.float16
+    if INTERPRET:
+        shapes = [(64, 4, 2, [5, 37], 16), (256, 2, 1, [40], 16)]
+    else:
+        shapes = [(64, 8, 2, [1, 17, 700, 5000], 16), (256, 24, 4, [2, 300, 4100], 16),
+                  (256, 8, 1, [2000], 3072), (512, 32, 4, [1, 129, 3000], 128), (512, 8, 1, [2500], 128)]
+    ok = True
+    for preset in ref.PRESETS:
+        for d, hq, hk, seqs, page in shapes:
+            row = check_case(tq, get_centroids, preset, d, hq, hk, seqs, page, device, dtype, gen)
+            row["kind"] = "correctness"
+            out_rows.append(row)
+            ok &= row["ok"]
+            print(f"{preset:20s} D={d:3d} Hq={hq:2d} Hk={hk} page={page:4d} decode err {row['decode_rel_err_max']:.2e} "
+                  f"dequant err {row['dequant_rel_err_max']:.2e} quant-vs-exact {row['quantization_rel_err_vs_exact_attention']:.3f} "
+                  f"sink exact {row['sink_exact']} -> {'ok' if row['ok'] else 'FAIL'}", flush=True)
+    for preset in ref.PRESETS:
+        gain = anchor_gain(tq, get_centroids, preset, 256, 64 if INTERPRET else 2048, device, dtype, gen)
+        out_rows.append(gain)
+        print(f"{preset:20s} attention error vs exact: anchored {gain['attention_rel_err_anchored']:.4f}, "
+              f"without anchors {gain['attention_rel_err_plain']:.4f}", flush=True)
+    return ok
+
+
+# --------------------------------------------------------------------------- speed
+
+
+def copy_bandwidth(device):
+    x = torch.empty(2 * 1024**3 // 2, dtype=torch.float16, device=device)
+    y = torch.empty_like(x)
+    import triton
+
+    ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=50, rep=200, return_mode="median")
+    return 2 * x.numel() * 2 / (ms * 1e-3)
+
+
+def bench_shapes(quick):
+    # (model, Hq, Hk, D): full-attention layers at TP=1
+    models = [("gemma-4-31b", 32, 4, 512), ("qwen3.6-27b", 24, 4, 256)]
+    contexts = [1024, 8192, 32768, 131072] if not quick else [1024, 32768]
+    batches = [1, 8, 32] if not quick else [1, 8]
+    for name, hq, hk, d in models:
+        for ctx in contexts:
+            for b in batches:
+                if b * ctx > 32 * 32768:
+                    continue
+                yield name, hq, hk, d, ctx, b
+
+
+def bench(tq, upstream, get_centroids, device, out_rows, quick, presets):
+    import triton
+    from vllm.v1.attention.ops.triton_decode_attention import decode_attention_fwd
+
+    bw = copy_bandwidth(device)
+    print(f"device copy bandwidth (read + write): {bw / 1e12:.2f} TB/s", flush=True)
+    gen = torch.Generator(device=device).manual_seed(0)
+    page = 128
+    for name, hq, hk, d, ctx, b in bench_shapes(quick):
+        blocks = b * math.ceil(ctx / page)
+        bt = (torch.randperm(blocks, device=device) + 1).to(torch.int32).reshape(b, -1)
+        seq = torch.full((b,), ctx, dtype=torch.int32, device=device)
+        q = torch.randn(b, hq, d, device=device, dtype=torch.bfloat16, generator=gen)
+        scale = 1 / math.sqrt(d)
+        # bf16 paged baseline: the same tokens in a bf16 cache
+        kb = torch.randn(blocks + 1, page, hk, d, device=device, dtype=torch.bfloat16, generator=gen)
+        vb = torch.randn_like(kb)
+        o = torch.empty(b, hq, d, device=device, dtype=torch.bfloat16)
+        splits = 32
+        att_logits = torch.empty(b, hq, splits, d + 1, device=device, dtype=torch.float32)
+        lse = torch.empty(b, hq, device=device, dtype=torch.float32)
+        fn = lambda: decode_attention_fwd(q, kb, vb, o, lse, bt, seq, att_logits, splits, scale, page)  # noqa: E731
+        rows = []
+        try:
+            t_bf16 = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+            rows.append(("bf16", "triton_decode_attention", t_bf16, b * ctx * hk * d * 2 * 2))
+        except Exception as e:  # a failing baseline must not cost the other rows
+            out_rows.append({"kind": "speed-error", "model": name, "context": ctx, "batch": b,
+                             "kernel": "triton_decode_attention", "error": repr(e)[:500]})
+        del kb, vb
+        for preset in presets:
+            key_bits, val_bits, nc = ref.PRESETS[preset]
+            cache, kps = make_cache(blocks + 1, page, hk, d, preset, device)
+            cache.random_(0, 256)
+            # finite fp16 scales in every slot
+            mse = d if key_bits == 8 else math.ceil(d * key_bits / 8)
+            if key_bits == 8:
+                cache[..., :d] = torch.randint(0, 0x7E, cache[..., :d].shape, device=device, dtype=torch.uint8)
+            else:
+                cache[..., mse : mse + 2] = torch.tensor([0x00, 0x3C], dtype=torch.uint8, device=device)
+            vb_off = kps + math.ceil(d * val_bits / 8)
+            cache[..., vb_off : vb_off + 4] = torch.tensor([0x00, 0x20, 0x00, 0x30], dtype=torch.uint8, device=device)
+            side = torch.randn(blocks + 1, hk, 3, d, device=device, dtype=torch.bfloat16, generator=gen)
+            Pi, Pi_T = tq.tq_rotation(d, device)
+            centroids = get_centroids(d, val_bits if key_bits == 8 else key_bits).float().to(device)
+            mid_o = torch.empty(b, hq, splits, d, device=device, dtype=torch.float32)
+            mid_l = torch.empty(b, hq, splits, device=device, dtype=torch.float32)
+            out = torch.empty(b, hq, d, device=device, dtype=torch.bfloat16)
+            fn_new = lambda: tq.tq_decode(q, cache, side, bt, seq, Pi_T, centroids, scale, key_bits, kps,  # noqa: E731
+                                          val_bits, splits, mid_o, mid_l, out)
+            t_new = triton.testing.do_bench(fn_new, warmup=25, rep=100, return_mode="median")
+            fn_old = lambda: upstream.triton_turboquant_decode_attention(  # noqa: E731
+                q, cache, bt, seq, Pi, centroids, scale, 0 if key_bits == 8 else key_bits, kps, val_bits,
+                key_fp8=key_bits == 8, norm_correction=nc, PiT=Pi_T, max_num_kv_splits=splits)
+            nbytes = b * ctx * hk * cache.shape[-1]
+            rows.append((preset, "tqstack", t_new, nbytes))
+            try:
+                t_old = triton.testing.do_bench(fn_old, warmup=25, rep=100, return_mode="median")
+                rows.append((preset, "upstream-0.26.0", t_old, nbytes))
+            except Exception as e:
+                out_rows.append({"kind": "speed-error", "model": name, "context": ctx, "batch": b,
+                                 "kernel": "upstream-0.26.0", "kv_cache_dtype": preset, "error": repr(e)[:500]})
+        for kv_dtype, kernel, ms, nbytes in rows:
+            rec = {"kind": "speed", "model": name, "num_heads": hq, "num_kv_heads": hk, "head_dim": d,
+                   "context": ctx, "batch": b, "page": page, "kv_cache_dtype": kv_dtype, "kernel": kernel,
+                   "us_per_call": ms * 1e3, "kv_bytes": nbytes, "achieved_gb_s": nbytes / (ms * 1e-3) / 1e9,
+                   "copy_bandwidth_gb_s": bw / 1e9, "bandwidth_fraction": nbytes / (ms * 1e-3) / (bw / 2),
+                   "gpu": torch.cuda.get_device_name(0)}
+            out_rows.append(rec)
+        line = " ".join(f"{k}/{kern[:3]} {ms * 1e3:7.1f}us" for k, kern, ms, _ in rows)
+        print(f"{name} ctx={ctx:6d} B={b:2d}: {line}", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bench", action="store_true", help="also time the kernels")
+    ap.add_argument("--quick", action="store_true", help="fewer benchmark shapes")
+    ap.add_argument("--no-check", action="store_true", help="skip correctness")
+    ap.add_argument("--presets", default=",".join(ref.PRESETS))
+    ap.add_argument("--out", type=Path, default=None, help="JSON lines results file")
+    args = ap.parse_args()
+    tq, upstream, get_centroids, source = import_kernels()
+    device = "cpu" if INTERPRET else "cuda"
+    rows: list[dict] = [{"kind": "meta", "source": source, "torch": torch.__version__,
+                         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                         "time": time.strftime("%Y-%m-%dT%H:%M:%S")}]
+    ok = True
+    try:
+        if not args.no_check:
+            ok = run_checks(tq, get_centroids, device, rows)
+        if args.bench and not INTERPRET:
+            bench(tq, upstream, get_centroids, device, rows, args.quick, args.presets.split(","))
+    finally:
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            with args.out.open("w") as fh:
+                for r in rows:
+                    fh.write(json.dumps(r) + "\n")
+    print("kernel checks:", "all ok" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
