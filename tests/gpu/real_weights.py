@@ -18,6 +18,10 @@ tokens attends to the earlier tokens *dequantized from the TurboQuant cache* plu
 raw (`_continuation_prefill`); chunks of <= 128 tokens go through the TurboQuant decode kernel
 (cache only). With 256-token chunks, 11 of 12 chunks read compressed KV for everything before
 them. Layers in skipped_layers (boundary layers, and all of Gemma 3's sliding layers) stay bf16.
+Two PPL paths per dtype (--paths): `prefill` (chunks of --chunk-tokens > 128: the dequantized
+continuation prefill) and `decode` (chunks of --decode-chunk-tokens <= 128: every later chunk runs the
+TurboQuant decode kernel, reading even its own chunk's K/V from the cache, as generation does; no
+generation in these cases). Decode-path rows are labelled <dtype>#decode and compared with auto#decode.
 
 Writes DIR/real_weights.jsonl (one record per case, as it finishes), DIR/summary.json (rewritten
 after every case), DIR/logs/<case>.log and DIR/plan.json. Exit 0 unless the lane itself breaks.
@@ -48,6 +52,8 @@ MODELS = {
 DTYPES = ["auto", "turboquant_4bit_nc", "turboquant_k8v4", "turboquant_k3v4_nc", "turboquant_3bit_nc"]
 MAX_MODEL_LEN = 4096
 GEN_TOKENS = 128
+DECODE_PATH = "#decode"  # label suffix of the decode-path PPL cases
+PATHS = ["prefill", "decode"]
 
 
 # ----------------------------------------------------------------------------- maths (CPU-tested)
@@ -104,8 +110,11 @@ def summarize(records: list[dict]) -> dict:
         base_ok = bool(base and base.get("ok"))
         entry = {"auto": {"ok": base_ok, "ppl": base.get("ppl") if base else None,
                           "error": base.get("error") if base else "not run"}}
+        decode_base = latest.get((model, "auto" + DECODE_PATH))
+        if decode_base is not None:
+            entry["auto"]["decode_ppl"] = decode_base.get("ppl")
         for (m, dtype), record in sorted(latest.items()):
-            if m != model or dtype == "auto":
+            if m != model or dtype.startswith("auto") or dtype.endswith(DECODE_PATH):
                 continue
             row = {"ok": bool(record.get("ok")), "ppl": record.get("ppl"),
                    "skipped_layers": record.get("skipped_layers"),
@@ -116,6 +125,13 @@ def summarize(records: list[dict]) -> dict:
                 row["ppl_delta_pct"] = round(ppl_delta_pct(record["ppl"], base["ppl"]), 3)
             if base_ok and record.get("outputs") and base.get("outputs"):
                 row.update(agreement(record["outputs"], base["outputs"]))
+            decode = latest.get((model, dtype + DECODE_PATH))
+            if decode is not None:
+                row["decode_ppl"] = decode.get("ppl")
+                if not decode.get("ok"):
+                    row["decode_error"] = decode.get("error")
+                elif decode_base and decode_base.get("ok") and decode.get("ppl") is not None:
+                    row["decode_ppl_delta_pct"] = round(ppl_delta_pct(decode["ppl"], decode_base["ppl"]), 3)
             entry[dtype] = row
         summary[model] = entry
     return summary
@@ -174,12 +190,13 @@ def run_case(spec: dict, record: dict) -> None:
                               "sliding_window": getattr(hf, "sliding_window", None),
                               "layer_types": getattr(hf, "layer_types", None)}
 
-    # (a) greedy generation
+    # (a) greedy generation (prefill-path cases only)
     t1 = time.time()
-    prompts = [{"prompt_token_ids": ids} for ids in spec["prompts"]]
-    greedy = SamplingParams(max_tokens=spec["gen_tokens"], temperature=0.0, ignore_eos=True, detokenize=False)
-    outputs = llm.generate(prompts, greedy, use_tqdm=False)
-    record["outputs"] = [list(o.outputs[0].token_ids) for o in outputs]
+    if spec["gen_tokens"] > 0:
+        prompts = [{"prompt_token_ids": ids} for ids in spec["prompts"]]
+        greedy = SamplingParams(max_tokens=spec["gen_tokens"], temperature=0.0, ignore_eos=True, detokenize=False)
+        outputs = llm.generate(prompts, greedy, use_tqdm=False)
+        record["outputs"] = [list(o.outputs[0].token_ids) for o in outputs]
     record["generate_s"] = round(time.time() - t1, 1)
 
     # (b) perplexity: logprob of each actual next token of the fixed text (the first has none)
@@ -261,19 +278,23 @@ def build_plan(args, token_ids: dict) -> list[dict]:
     # auto first for every model (the reference), then the TurboQuant dtypes in priority order;
     # models interleaved so --parallel 2 runs one of each at a time
     for dtype in args.dtypes:
-        for model in args.models:
-            entry = token_ids["models"][model]
-            # a non-default boundary is its own row in the summary, compared with the same auto
-            label = dtype if args.boundary_layers is None or dtype == "auto" else f"{dtype}@b{args.boundary_layers}"
-            cases.append({
-                "id": f"{model}/{label}", "model": model, "kv_cache_dtype": dtype, "label": label,
-                "boundary_layers": args.boundary_layers,
-                "model_dir": str(args.models_root / model), "head_dim": MODELS[model]["head_dim"],
-                "max_model_len": MAX_MODEL_LEN, "gpu_memory_utilization": args.gpu_memory_utilization,
-                "chunk_tokens": args.chunk_tokens, "gen_tokens": args.gen_tokens,
-                "prompts": entry["prompts"][:args.num_prompts], "ppl_ids": entry["ppl_ids"],
-                "lock_file": str((args.out or pathlib.Path("OUT")) / ".startup.lock") if args.parallel > 1 else None,
-            })
+        for path in args.paths:
+            for model in args.models:
+                entry = token_ids["models"][model]
+                # a non-default boundary is its own row in the summary, compared with the same auto
+                label = dtype if args.boundary_layers is None or dtype == "auto" else f"{dtype}@b{args.boundary_layers}"
+                decode = path == "decode"
+                label += DECODE_PATH if decode else ""
+                cases.append({
+                    "id": f"{model}/{label}", "model": model, "kv_cache_dtype": dtype, "label": label,
+                    "boundary_layers": args.boundary_layers, "ppl_path": path,
+                    "model_dir": str(args.models_root / model), "head_dim": MODELS[model]["head_dim"],
+                    "max_model_len": MAX_MODEL_LEN, "gpu_memory_utilization": args.gpu_memory_utilization,
+                    "chunk_tokens": args.decode_chunk_tokens if decode else args.chunk_tokens,
+                    "gen_tokens": 0 if decode else args.gen_tokens,
+                    "prompts": entry["prompts"][:args.num_prompts], "ppl_ids": entry["ppl_ids"],
+                    "lock_file": str((args.out or pathlib.Path("OUT")) / ".startup.lock") if args.parallel > 1 else None,
+                })
     return cases
 
 
@@ -339,6 +360,10 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--parallel", type=int, default=2, help="cases at once on the one GPU (engine starts take turns)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.30)
     parser.add_argument("--chunk-tokens", type=int, default=256, help="max_num_batched_tokens (prefill chunk)")
+    parser.add_argument("--paths", nargs="+", default=PATHS, choices=PATHS,
+                        help="PPL paths: prefill (chunks > 128 tokens) and/or decode (chunks <= 128: decode kernel)")
+    parser.add_argument("--decode-chunk-tokens", type=int, default=64,
+                        help="max_num_batched_tokens of the decode-path cases (<= 128)")
     parser.add_argument("--gen-tokens", type=int, default=GEN_TOKENS)
     parser.add_argument("--num-prompts", type=int, default=8)
     parser.add_argument("--timeout-per-case", type=float, default=300)
@@ -362,6 +387,8 @@ def parse_args(argv: list[str] | None = None):
         parser.error("--boundary-layers must be >= 0")
     if args.chunk_tokens < 16:
         parser.error("--chunk-tokens must be >= 16")
+    if not 16 <= args.decode_chunk_tokens <= 128:
+        parser.error("--decode-chunk-tokens must be within [16, 128] (above 128 the backend dequantizes instead)")
     if "auto" not in args.dtypes:
         print("note: 'auto' not in --dtypes: agreement/PPL delta only against an earlier auto record (--resume)")
     return args

@@ -83,7 +83,9 @@ def test_summary_compares_every_dtype_with_auto_and_keeps_failures():
 def test_boundary_variant_is_its_own_row_against_the_same_auto(capsys):
     args = rw.parse_args(["--dry-run", "--models", "smollm2-135m", "--boundary-layers", "0"])
     plan = rw.build_plan(args, rw.load_token_ids(rw.TOKEN_IDS))
-    assert [c["id"] for c in plan][:2] == ["smollm2-135m/auto", "smollm2-135m/turboquant_4bit_nc@b0"]
+    assert [c["id"] for c in plan][:4] == ["smollm2-135m/auto", "smollm2-135m/auto#decode",
+                                           "smollm2-135m/turboquant_4bit_nc@b0",
+                                           "smollm2-135m/turboquant_4bit_nc@b0#decode"]
     assert rw.case_env("/site", 0)["TQ_BOUNDARY_LAYERS"] == "0"
     assert "TQ_BOUNDARY_LAYERS" not in rw.case_env("/site")
     records = [record("m", "auto", ppl=10.0, outputs=[[1]]),
@@ -91,6 +93,30 @@ def test_boundary_variant_is_its_own_row_against_the_same_auto(capsys):
     summary = rw.summarize(records)["m"]
     assert summary["turboquant_4bit_nc@b0"]["ppl_delta_pct"] == pytest.approx(10.0)
     assert summary["turboquant_4bit_nc@b0"]["token_agreement"] == 0
+
+
+def test_decode_path_rows_compare_with_auto_decode():
+    def decode_record(dtype, **kw):
+        return dict(record("m", dtype, **kw), label=dtype + "#decode", case=f"m/{dtype}#decode")
+    records = [record("m", "auto", ppl=10.0, outputs=[[1]]), decode_record("auto", ppl=10.1),
+               record("m", "turboquant_4bit_nc", ppl=10.2, outputs=[[1]]),
+               decode_record("turboquant_4bit_nc", ppl=10.403),
+               record("m", "turboquant_k8v4", ppl=10.0, outputs=[[1]]),
+               decode_record("turboquant_k8v4", ok=False, error="RuntimeError: x")]
+    summary = rw.summarize(records)["m"]
+    assert set(summary) == {"auto", "turboquant_4bit_nc", "turboquant_k8v4"}  # no #decode rows of their own
+    assert summary["auto"]["decode_ppl"] == 10.1
+    row = summary["turboquant_4bit_nc"]
+    assert row["ppl_delta_pct"] == pytest.approx(2.0) and row["decode_ppl_delta_pct"] == pytest.approx(3.0)
+    assert "decode_ppl_delta_pct" not in summary["turboquant_k8v4"]
+    assert summary["turboquant_k8v4"]["decode_error"] == "RuntimeError: x"
+
+
+@pytest.mark.parametrize("value", ["8", "256"])
+def test_decode_chunk_must_reach_the_decode_kernel(value, capsys):
+    with pytest.raises(SystemExit):
+        rw.parse_args(["--out", "x", "--decode-chunk-tokens", value])
+    assert "--decode-chunk-tokens must be within [16, 128]" in capsys.readouterr().err
 
 
 def test_summary_without_an_auto_baseline_has_no_deltas():
@@ -105,14 +131,17 @@ def test_summary_without_an_auto_baseline_has_no_deltas():
 def test_dry_run_plans_auto_first_then_turboquant_with_models_interleaved(capsys):
     assert rw.main(["--dry-run", "--models-root", "/nonexistent"]) == 0
     lines = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]]
-    assert lines == [f"{m}/{d}" for d in rw.DTYPES for m in rw.MODELS]
-    assert lines[:2] == ["smollm2-135m/auto", "gemma3-270m/auto"]
+    assert lines == [f"{m}/{d}{suffix}" for d in rw.DTYPES for suffix in ("", "#decode") for m in rw.MODELS]
+    assert lines[:4] == ["smollm2-135m/auto", "gemma3-270m/auto", "smollm2-135m/auto#decode", "gemma3-270m/auto#decode"]
 
 
 def test_plan_carries_the_committed_token_ids_and_engine_settings():
     args = rw.parse_args(["--dry-run", "--models", "gemma3-270m", "--dtypes", "auto", "--num-prompts", "3"])
-    (case,) = rw.build_plan(args, rw.load_token_ids(rw.TOKEN_IDS))
+    case, decode = rw.build_plan(args, rw.load_token_ids(rw.TOKEN_IDS))
     assert case["id"] == "gemma3-270m/auto" and case["head_dim"] == 256
+    # the decode-path case: chunks small enough for the TurboQuant decode kernel, no generation
+    assert decode["id"] == "gemma3-270m/auto#decode" and decode["ppl_path"] == "decode"
+    assert decode["chunk_tokens"] == 64 and decode["gen_tokens"] == 0
     assert len(case["prompts"]) == 3 and len(case["ppl_ids"]) == 3072
     assert case["chunk_tokens"] == 256 and case["gpu_memory_utilization"] == 0.30
     assert case["max_model_len"] >= len(case["ppl_ids"]) + 1
@@ -280,17 +309,19 @@ def test_lane_writes_records_and_summary_and_resumes(tmp_path, monkeypatch):
     out = tmp_path / "out"
     assert rw.main(["--out", str(out), "--deadline-s", "600", "--models-root", str(tmp_path)]) == 0
     records = rw.read_records(out / "real_weights.jsonl")
-    assert len(records) == 10 and sorted(calls) == sorted(r["case"] for r in records)
+    assert len(records) == 20 and sorted(calls) == sorted(r["case"] for r in records)  # 2 models x 5 dtypes x 2 paths
     summary = json.loads((out / "summary.json").read_text())["summary"]
     assert summary["gemma3-270m"]["turboquant_4bit_nc"]["ppl_delta_pct"] == pytest.approx(5.0)
+    assert summary["gemma3-270m"]["turboquant_4bit_nc"]["decode_ppl_delta_pct"] == pytest.approx(5.0)
     assert summary["smollm2-135m"]["turboquant_3bit_nc"]["error"] == "RuntimeError: boom"
     calls.clear()
     assert rw.main(["--out", str(out), "--resume", "--models-root", str(tmp_path)]) == 0
-    assert sorted(calls) == ["gemma3-270m/turboquant_3bit_nc", "smollm2-135m/turboquant_3bit_nc"]  # failures rerun
+    assert sorted(calls) == ["gemma3-270m/turboquant_3bit_nc", "gemma3-270m/turboquant_3bit_nc#decode",
+                             "smollm2-135m/turboquant_3bit_nc", "smollm2-135m/turboquant_3bit_nc#decode"]  # failures rerun
 
 
 def test_lane_skips_cases_that_cannot_finish_before_the_deadline(tmp_path):
     out = tmp_path / "out"
     assert rw.main(["--out", str(out), "--deadline-s", "30", "--min-case-s", "60"]) == 0
     records = rw.read_records(out / "real_weights.jsonl")
-    assert len(records) == 10 and all(r["skipped"] and "before the deadline" in r["error"] for r in records)
+    assert len(records) == 20 and all(r["skipped"] and "before the deadline" in r["error"] for r in records)
