@@ -40,7 +40,7 @@ include bench/bench.mk
 # vLLM tree and its CPU torch, so that file runs a second time in .venv-vllm.
 .PHONY: test-gpu-scripts
 test-gpu-scripts: venv patches-trees $(VLLM_VENV)/.installed
-	$(VPY) -m pytest -q tests/gpu/stacks tests/gpu/bench tests/gpu/test_real_weights.py tests/gpu/test_mm_prefix_probe.py
+	$(VPY) -m pytest -q tests/gpu/stacks tests/gpu/bench tests/gpu/test_real_weights.py tests/gpu/test_speed.py tests/gpu/test_mm_prefix_probe.py
 	PYTHONPATH=$(VLLM_PATCHED) $(VLLM_VPY) -m pytest -q -p no:cacheprovider tests/gpu/test_mm_prefix_probe.py
 
 test: test-configs images-check patches-check test-bench test-gpu-scripts
