@@ -1,15 +1,16 @@
-"""Gate 6 (patch 0005): TurboQuant prefill for head_dim 512 (Gemma 4 full-attention layers).
+"""Gate 6 (patches 0005, 0013): TurboQuant prefill for head_dim 512 (Gemma 4 full-attention layers).
 
 TurboQuant pins FlashAttention 2 (arg_utils) and TurboQuantAttentionImpl sent every first-chunk
 prefill through `flash_attn_varlen_func` whenever flash_attn was present; FA2/FA3 serve
 head_dim <= 256 only. The patched impl keeps flash_attn for head_dim <= 256, uses FA4 for 512 only
-where its CuTe DSL really imports (Hopper), and torch SDPA otherwise.
+where its CuTe DSL really imports (Hopper), and otherwise the unified Triton attention kernel of the
+unquantized layers (0013; 0005 had a per-request torch SDPA loop with K/V repeated per query head).
 
 Path choice: the real TurboQuantAttentionImpl is constructed on vLLM's CudaPlatform with a given
 capability (see test_gate2_backend_routing.CUDA_HOST_PREAMBLE; FA2/FA3 extensions count as
 shipped, cute/interface.py exists, `cutlass` is not installed here, i.e. the "FA4 files present
-but not importable" case of the GPU host). Numerics: the impl's real prefill (SDPA path) runs on
-CPU tensors and is compared with a naive attention written here.
+but not importable" case of the GPU host). Numerics: the impl's real prefill (the unified Triton
+kernel, run by Triton's interpreter on CPU tensors) is compared with a naive attention written here.
 """
 from __future__ import annotations
 
@@ -69,21 +70,25 @@ def max_error(out, q, k, v, cu_q, cu_k):
 
 
 result = {}
+def i32(values):
+    return torch.tensor(values, dtype=torch.int32)
+
+
 # 1. varlen first-chunk batch of 3 sequences, GQA 8:2, head 512
 lens = [5, 11, 3]
 cu = [0, 5, 16, 19]
 q, k, v = (torch.randn(19, h, D) for h in (HQ, HK, HK))
-out = tq._sdpa_varlen_causal_attention(q, k, v, cu, cu, scale)
+out = tq.tq_contiguous_attention(q, k, v, i32(cu), i32(cu[:-1]), i32(lens), 11, 11, scale)
 result["first_chunk_varlen"] = max_error(out, q, k, v, cu, cu)
 
 # 2. continuation chunks: 3 new queries over 9 keys, 4 over 4 (bottom-right causal)
 cu_q, cu_k = [0, 3, 7], [0, 9, 13]
 q2 = torch.randn(7, HQ, D)
 k2, v2 = torch.randn(13, HK, D), torch.randn(13, HK, D)
-out2 = tq._sdpa_varlen_causal_attention(q2, k2, v2, cu_q, cu_k, scale)
+out2 = tq.tq_contiguous_attention(q2, k2, v2, i32(cu_q), i32(cu_k[:-1]), i32([9, 4]), 4, 9, scale)
 result["continuation_varlen"] = max_error(out2, q2, k2, v2, cu_q, cu_k)
 
-# 3. the impl's own prefill entry point on a first-chunk batch (no flash_attn on CPU -> SDPA)
+# 3. the impl's own prefill entry point on a first-chunk batch (no flash_attn on CPU -> Triton)
 with set_current_vllm_config(VllmConfig(device_config=DeviceConfig("cpu"))):
     impl = tq.TurboQuantAttentionImpl(HQ, D, scale, num_kv_heads=HK,
                                       kv_cache_dtype="turboquant_4bit_nc")
@@ -107,7 +112,7 @@ def patched_paths(patched_tree):
     return run.json()
 
 
-def test_patched_keeps_flash_attn_for_256_and_uses_sdpa_for_512(patched_paths):
+def test_patched_keeps_flash_attn_for_256_and_uses_triton_for_512(patched_paths):
     for cap in ("8.6", "9.0", "12.0"):
         assert patched_paths[f"{cap}/256"] == {
             "has_flash_attn": True, "prefill_with_flash_attn": True, "fa_version": 2}
@@ -127,8 +132,11 @@ def test_pristine_sends_head512_to_fa2(pristine_tree):
             "has_flash_attn": True, "prefill_with_flash_attn": None, "fa_version": 2}
 
 
-def test_sdpa_varlen_prefill_matches_reference(patched_tree):
-    run = run_in_vllm(patched_tree, PREFILL_NUMERICS, timeout=600)
+def test_head512_prefill_matches_reference(patched_tree):
+    # Triton's interpreter runs the real kernels on CPU tensors; vLLM keeps Triton enabled with no
+    # driver when CUDA_VISIBLE_DEVICES is empty (its distributed-start case).
+    run = run_in_vllm(patched_tree, PREFILL_NUMERICS, timeout=600,
+                      env={"TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""})
     assert run.returncode == 0, run.stderr[-3000:]
     result = run.json()
     assert result["impl_prefill_with_flash_attn"] is False
