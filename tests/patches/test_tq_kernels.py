@@ -39,6 +39,10 @@ def test_interpreted_kernels_match_fp64_reference(patched_tree, tmp_path):
         assert r["ok"], r
         assert r["sink_exact"] and r["all_written"], r
         assert r["decode_rel_err_max"] <= 1e-2 and r["dequant_rel_err_max"] <= 2e-3, r
+    # Tensor parallelism: every rank's shard (its KV heads, their query heads, its own anchors)
+    # decodes to exactly the unsharded result.
+    splits = [r for r in rows if r["kind"] == "tp_split"]
+    assert len(splits) == 2 and all(r["identical"] for r in splits), splits
     # Anchors (exact sink, centred keys) must cut the attention error on keys with a shared
     # offset and a dominant first token, for every preset, by at least half.
     gains = [r for r in rows if r["kind"] == "anchor_gain"]

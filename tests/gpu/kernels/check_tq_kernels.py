@@ -216,6 +216,38 @@ def prefill_check(tq, d, hq, hk, q_lens, k_lens, device, dtype, gen):
             "k_lens": k_lens, "rel_err_max": max(errs), "tol": DECODE_TOL, "ok": max(errs) <= DECODE_TOL}
 
 
+def tp_split_check(tq, get_centroids, preset, d, hq, hk, tp, seq_len, device, dtype, gen):
+    """Tensor parallelism: each rank holds hk/tp KV heads with their query heads, its own cache and
+    anchors. Decoding every rank's shard and concatenating must equal the unsharded decode."""
+    key_bits, val_bits, nc = ref.PRESETS[preset]
+    page = 16
+    blocks = math.ceil(seq_len / page)
+    row = torch.arange(1, blocks + 1, device=device)
+    bt = row[None].to(torch.int32)
+    seq = torch.tensor([seq_len], dtype=torch.int32, device=device)
+    Pi, Pi_T = tq.tq_rotation(d, device)
+    centroids = get_centroids(d, val_bits if key_bits == 8 else key_bits).float().to(device)
+    keys, values = realistic_keys(seq_len, hk, d, device, dtype, gen)
+    q = torch.randn(1, hq, d, device=device, generator=gen).to(dtype)
+
+    def decode(k, v, qq):
+        cache, kps = make_cache(blocks + 1, page, k.shape[1], d, preset, device)
+        side = torch.zeros(blocks + 1, k.shape[1], 3, d, dtype=dtype, device=device)
+        store_request(tq, cache, side, k, v, row, preset, Pi_T, centroids, kps, chunk=max(1, seq_len // 2))
+        return tq.tq_decode(qq, cache, side, bt, seq, Pi_T, centroids, d ** -0.5, key_bits, kps, val_bits, 8)
+
+    full = decode(keys, values, q)
+    hk_r, hq_r = hk // tp, hq // tp
+    shards = [decode(keys[:, r * hk_r:(r + 1) * hk_r].contiguous(), values[:, r * hk_r:(r + 1) * hk_r].contiguous(),
+                     q[:, r * hq_r:(r + 1) * hq_r].contiguous()) for r in range(tp)]
+    sharded = torch.cat(shards, dim=1)
+    diff = float((sharded.float() - full.float()).abs().max())
+    # Same math per head; only GEMM rounding (rotation of a different number of rows) may differ.
+    rel = ref.relative_error(sharded, full)
+    return {"kind": "tp_split", "preset": preset, "head_dim": d, "num_heads": hq, "num_kv_heads": hk, "tp": tp,
+            "max_abs_diff": diff, "rel_err": rel, "identical": diff == 0.0, "ok": rel <= DECODE_TOL}
+
+
 def run_checks(tq, get_centroids, device, out_rows):
     gen = torch.Generator(device=device).manual_seed(0)
     dtype = torch.bfloat16 if not INTERPRET else torch.float16
@@ -246,6 +278,13 @@ def run_checks(tq, get_centroids, device, out_rows):
         except ImportError as error:  # staged sources hold no unified attention: needs a full vLLM
             out_rows.append({"kind": "prefill", "skipped": f"needs a full vLLM install: {error}"})
             print(f"prefill checks skipped: {error}", flush=True)
+    for preset in ("turboquant_4bit_nc", "turboquant_k8v4"):
+        row = tp_split_check(tq, get_centroids, preset, 64 if INTERPRET else 512, 8, 4, 4 if not INTERPRET else 2,
+                             40 if INTERPRET else 3000, device, dtype, gen)
+        out_rows.append(row)
+        ok &= row["ok"]
+        print(f"{preset:20s} TP={row['tp']} shards vs unsharded: max |diff| {row['max_abs_diff']:.1e} "
+              f"-> {'ok' if row['ok'] else 'FAIL'}", flush=True)
     for preset in ref.PRESETS:
         gain = anchor_gain(tq, get_centroids, preset, 256, 64 if INTERPRET else 2048, device, dtype, gen)
         out_rows.append(gain)
