@@ -138,8 +138,12 @@ def check_case(tq, get_centroids, preset, d, hq, hk, seq_lens, page, device, dty
         # continuation-prefill dequantization of the same request
         k_buf = torch.empty(hk, s, d, dtype=torch.float16, device=device)
         v_buf = torch.empty_like(k_buf)
-        k_deq, v_deq = tq.tq_dequant_request(cache, bt[b], side, s, Pi, centroids, key_bits, kps,
-                                             val_bits, k_buf, v_buf, torch.float32)
+        k_deq = torch.full((s, hk, d), float("nan"), dtype=torch.float32, device=device)
+        v_deq = torch.full_like(k_deq, float("nan"))
+        tq.tq_dequant_request(cache, bt[b], side, s, Pi, centroids, key_bits, kps, val_bits, k_buf, v_buf,
+                              k_deq, v_deq)
+        nan_free_deq = bool(torch.isfinite(k_deq).all() and torch.isfinite(v_deq).all())
+        sink_exact &= nan_free_deq
         deq_errs.append(max(ref.relative_error(k_deq, k_ref), ref.relative_error(v_deq, v_ref)))
     nan_free = bool(torch.isfinite(out).all())
     return {
