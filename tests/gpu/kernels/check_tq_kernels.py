@@ -322,7 +322,7 @@ def bench_shapes(quick):
                 yield name, hq, hk, d, ctx, b
 
 
-def bench(tq, upstream, get_centroids, device, out_rows, quick, presets):
+def bench(tq, upstream, get_centroids, device, out_rows, quick, presets, tile_sweep=True):
     import triton
     from vllm.v1.attention.ops.triton_decode_attention import decode_attention_fwd
 
@@ -373,6 +373,19 @@ def bench(tq, upstream, get_centroids, device, out_rows, quick, presets):
             fn_new = lambda: tq.tq_decode(q, cache, side, bt, seq, Pi_T, centroids, scale, key_bits, kps,  # noqa: E731
                                           val_bits, splits, mid_o, mid_l, out)
             t_new = triton.testing.do_bench(fn_new, warmup=25, rep=100, return_mode="median")
+            if preset == "turboquant_4bit_nc" and tile_sweep:
+                # tile shapes around the default, same inputs: what the defaults are chosen from
+                for tile in ((16, 4), (32, 4), (32, 8), (64, 8)):
+                    fn_t = lambda: tq.tq_decode(q, cache, side, bt, seq, Pi_T, centroids, scale, key_bits, kps,  # noqa: E731
+                                                val_bits, splits, mid_o, mid_l, out, tile=tile)
+                    try:
+                        t_t = triton.testing.do_bench(fn_t, warmup=25, rep=100, return_mode="median")
+                        out_rows.append({"kind": "tile", "model": name, "context": ctx, "batch": b, "head_dim": d,
+                                         "kv_cache_dtype": preset, "tile_tokens": tile[0], "num_warps": tile[1],
+                                         "us_per_call": t_t * 1e3})
+                    except Exception as e:
+                        out_rows.append({"kind": "tile", "model": name, "context": ctx, "batch": b,
+                                         "tile_tokens": tile[0], "num_warps": tile[1], "error": repr(e)[:300]})
             fn_old = lambda: upstream.triton_turboquant_decode_attention(  # noqa: E731
                 q, cache, bt, seq, Pi, centroids, scale, 0 if key_bits == 8 else key_bits, kps, val_bits,
                 key_fp8=key_bits == 8, norm_correction=nc, PiT=Pi_T, max_num_kv_splits=splits)
