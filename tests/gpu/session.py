@@ -33,7 +33,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 PACK_LIMIT = 15 * 1024 * 1024  # $OUT takes files up to 16 MiB
-# The multi-GPU hosts are shared: NVLink multicast must stay off in every process (device KINDS.md).
+# The multi-GPU hosts are shared: NVLink multicast must stay off in every process (NVIDIA's guidance for shared multi-GPU hosts).
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
