@@ -12,12 +12,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 THIS_FILE = Path(__file__).resolve().relative_to(REPO).as_posix()
+# Checks that search for these names spell them out; they are not citations.
+SEARCHERS = {THIS_FILE, ".ci/check-self-contained"}
 FORBIDDEN = re.compile(r"gates\.md|gpu-host\.md|shared/research|device[- ]minutes?", re.IGNORECASE)
 
 
 def tracked_files() -> list[str]:
     listing = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True)
-    return [name for name in listing.stdout.decode().split("\0") if name and name != THIS_FILE]
+    return [name for name in listing.stdout.decode().split("\0") if name and name not in SEARCHERS]
 
 
 def test_no_tracked_file_cites_notes_outside_the_repository():
