@@ -35,8 +35,14 @@ include images/images.mk
 include patches/patches.mk
 include bench/bench.mk
 
+# Docs and comments cite only what a reader of the repository can open (a prerequisite of `make test`).
+.PHONY: test-docs
+test-docs: venv
+	$(VPY) -m pytest -q tests/docs
+test: test-docs
+
 # CPU-side tests of the GPU-host scripts (argv plans, flag existence in the 0.26.0 wheel, fidelity maths,
-# real-weight carry/summary, image-probe fixtures). The image probe's processor checks need the patched
+# real-weight model kit/summary, image-probe fixtures). The image probe's processor checks need the patched
 # vLLM tree and its CPU torch, so that file runs a second time in .venv-vllm.
 .PHONY: test-gpu-scripts
 test-gpu-scripts: venv patches-trees $(VLLM_VENV)/.installed

@@ -233,7 +233,7 @@ def _plan_pages(specs: list[_Spec], turboquant: bool) -> int:
     tq_specs = [s for s in attention if s.key[1] in TURBOQUANT_DTYPES]
 
     if turboquant and tq_specs:
-        # P7 (gates.md §7): the TurboQuant block grows (multiples of 16) until its page covers every other
+        # P7 (patch 0009, the page planner): the TurboQuant block grows (multiples of 16) until its page covers every other
         # page at the kernel block; other layers take the largest multiple-of-16 block that divides it and fits
         # in the page, and are padded up to it.
         target = max([s.bytes_per_token * KERNEL_BLOCK for s in attention] + [state_page])

@@ -1,4 +1,5 @@
-"""Capacity planner against hand-computed references (anchors.md §4.2, gates.md §1/§7, gpu-host.md)."""
+"""Capacity planner against hand-computed references (vLLM 0.26.0 TurboQuantConfig, patch 0009's page
+planner, and the unpatched H200 baseline in tests/gpu/results/2026-11-21-h200.jsonl)."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ from tqconfig.loader import architecture_for
 from tqconfig.planner import GIB, full_attention_bytes_per_token, sliding_bytes_per_token
 from tqconfig.schema import Hardware
 
-# vLLM 0.26 TurboQuantConfig.slot_size_aligned, executed on the wheel (gates.md §1).
+# vLLM 0.26 TurboQuantConfig.slot_size_aligned, executed on the wheel.
 SLOT_TABLE = {
     "turboquant_k8v4": (388, 772),
     "turboquant_4bit_nc": (262, 518),
@@ -31,13 +32,13 @@ def test_slot_bytes_rejects_non_turboquant_dtype():
         tqconfig.tq_slot_bytes("fp8", 256)
 
 
-# anchors.md §4.2: whole-model growing KV bytes/token with every full-attention layer at that dtype.
+# Whole-model growing KV bytes/token with every full-attention layer at that dtype.
 GROWING_REFERENCE = {
     "qwen3.6-27b": {"auto": 65_536, "fp8": 32_768, "turboquant_k8v4": 24_832, "turboquant_4bit_nc": 16_768,
                     "turboquant_k3v4_nc": 14_720, "turboquant_3bit_nc": 12_672},
     "gemma4-31b": {"auto": 81_920, "fp8": 40_960, "turboquant_k8v4": 30_880, "turboquant_4bit_nc": 20_720,
                    "turboquant_k3v4_nc": 18_160, "turboquant_3bit_nc": 15_600},
-    # E4B: only layers 0-23 own a cache; 4 full layers x 2 heads x 512 (models.md §1.4: 16 KiB at bf16)
+    # E4B: only layers 0-23 own a cache; 4 full layers x 2 heads x 512 (16 KiB at bf16)
     "gemma4-e4b": {"auto": 16_384, "turboquant_4bit_nc": 4 * 2 * 518},
 }
 
@@ -65,7 +66,7 @@ def test_gemma31b_layer_selection_keeps_boundary_and_sliding_bf16():
     assert len(plan.sliding_layers) == 50
     assert all("sliding-window" in layer.reason for layer in plan.layers if layer.kind == "sliding_attention")
     assert "boundary" in next(layer.reason for layer in plan.layers if layer.index == 59)
-    # 9 x (4 heads x 518) + 1 x (4 heads x 2 x 512 x 2): gates.md §7 "2072 vs 8192 per layer"
+    # 9 x (4 heads x 518) + 1 x (4 heads x 2 x 512 x 2): patch 0009's header: "2072 B/token/layer (3.95x vs 8192)"
     assert plan.growing_bytes_per_token_all_gpus_unpadded == 9 * 2072 + 8192
 
 
@@ -84,7 +85,7 @@ def test_qwen_pages_follow_p7_block_3072():
     plan = _plan("rtx3090-x1-qwen3.6-27b")
     tq_layer = next(layer for layer in plan.layers if layer.index == 11)
     bf16_layer = next(layer for layer in plan.layers if layer.index == 3)
-    assert (tq_layer.block_size, tq_layer.page_bytes) == (3072, 1048 * 3072)  # gates.md P7 simulation
+    assert (tq_layer.block_size, tq_layer.page_bytes) == (3072, 1048 * 3072)  # patch 0009 (P7): Qwen3.6 TurboQuant block 3072
     assert bf16_layer.block_size == 768 and bf16_layer.padded_page_bytes == 1048 * 3072
 
 
@@ -96,11 +97,11 @@ def test_e4b_yoco_cluster_is_skipped_together():
     layer23 = next(layer for layer in plan.layers if layer.index == 23)
     assert "YOCO" in layer23.reason
     tq_layer = next(layer for layer in plan.layers if layer.index == 5)
-    assert tq_layer.block_size == 64  # gates.md P7 + P8 simulation: TurboQuant block 64, 1036 B/token
+    assert tq_layer.block_size == 64  # patches 0009 + 0008 (P7, P8): TurboQuant block 64, 1036 B/token
 
 
 def test_unpatched_report_matches_gemma31b_h200_baseline():
-    """gpu-host.md: unpatched vLLM 0.26, Gemma 4 31B bf16, 65.03 GiB KV -> 77,457 tokens, 2.36x @ 32,768."""
+    """tests/gpu/results/2026-11-21-h200.jsonl: unpatched vLLM 0.26, Gemma 4 31B bf16, 65.03 GiB KV -> 77,457 tokens, 2.36x @ 32,768."""
     h200 = Hardware(name="h200", description="test rig", vendor="nvidia", arch="sm_90", gpu_name="H200",
                     gpu_count=1, gpu_memory_gib=139.8, interconnect="single", image="x", dockerfile="x",
                     supported_kv_cache_dtypes=("auto",),
@@ -125,7 +126,7 @@ def test_sliding_window_bytes_are_bounded_by_window_plus_chunk():
     # per GPU: 50 layers x (cdiv(1023 + 2048, 16) + 1 blocks) x padded page
     blocks = math.ceil((1024 - 1 + 2048) / 16) + 1
     assert plan.sliding_bytes_per_sequence == 50 * blocks * plan.page_bytes
-    assert plan.page_padding_fraction < 0.02  # gates.md: bf16 pages padded ~1.2%
+    assert plan.page_padding_fraction < 0.02  # patch 0009: bf16 pages padded ~1%
 
 
 @pytest.mark.parametrize("stack", tqconfig.list_stacks())

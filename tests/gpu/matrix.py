@@ -9,10 +9,10 @@ Runs ON THE GPU HOST after tests/gpu/kit/install.sh (stdlib only; each case is a
     python3 tests/gpu/matrix.py --list                    # print the case ids in run order
 
 Each finished case appends one JSON line to /tmp/tqresults/<date>-h200.jsonl (crash-safe)
-and the file is mirrored to $OUT after every case, with a tarball of the per-case logs.
-A rerun (same host while warm, or with --resume FILE from an earlier window) skips cases
-already recorded. Cases cut short by --deadline-s are not recorded, so the next call
-retries them; cases that exceed --timeout-per-case are recorded as failures.
+and, when RESULTS_DIR (or OUT) names a results directory, the file is copied there after every
+case, with a tarball of the per-case logs. A rerun (same host, or with --resume FILE from an
+earlier run) skips cases already recorded. Cases cut short by --deadline-s are not recorded, so
+the next run retries them; cases that exceed --timeout-per-case are recorded as failures.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def load_config(model_dir: pathlib.Path) -> dict:
 
 # name -> engine settings. The full-size models run language-model-only (as the baseline
 # did: no vision/audio tower memory, no processor/tokenizer needed); Qwen3.5/3.6 needs the
-# Triton GDN prefill kernel because FlashInfer is not carried.
+# Triton GDN prefill kernel because FlashInfer is not in the kit.
 MODELS = {
     "gemma-4-31b-it": dict(model_dir="configs/hf/gemma-4-31b-it", language_model_only=True, admission="manager"),
     "qwen3.6-27b": dict(model_dir="configs/hf/qwen3.6-27b", language_model_only=True, admission="manager",
@@ -57,7 +57,7 @@ TINY = ["tiny_gemma4", "tiny_qwen3_5", "tiny_qwen3"]
 
 
 def ordered_cases(variants: list[str]) -> list[dict]:
-    """Most informative first, so a window cut short still answers the main questions:
+    """Most informative first, so a run cut short still answers the main questions:
     stock capacity/admission, then the patched headline dtype, the stock failures it fixes,
     what the patches change for bf16, the tiny configs, then the other TurboQuant presets."""
     full_tq_others = [(m, d) for d in KV_DTYPES[2:] for m in FULL_SIZE]
@@ -147,10 +147,10 @@ def case_env(variant: str) -> dict:
         PYTHONPATH=f"/tmp/site-{variant}",
         PYTHONUNBUFFERED="1",
         VLLM_ENABLE_V1_MULTIPROCESSING="0",  # in-process engine core: the case reads its scheduler
-        VLLM_USE_FLASHINFER_SAMPLER="0",     # FlashInfer is not carried
+        VLLM_USE_FLASHINFER_SAMPLER="0",     # FlashInfer is not in the kit
         VLLM_PLUGINS="",                     # P0: no third-party TurboQuant plugin
         VLLM_NO_USAGE_STATS="1",
-        TRITON_CACHE_DIR="/tmp/tq-triton-cache",  # shared across cases: JIT once per window
+        TRITON_CACHE_DIR="/tmp/tq-triton-cache",  # shared across cases: JIT once per host
         VLLM_CACHE_ROOT="/tmp/tq-vllm-cache",
     )
     return env
@@ -183,9 +183,9 @@ def run_one(case: dict, timeout_s: float, log_path: pathlib.Path, gpu: str, date
 
 
 def mirror_to_out(results: pathlib.Path, logs: pathlib.Path, date: str) -> None:
-    out = os.environ.get("OUT")
+    out = os.environ.get("RESULTS_DIR") or os.environ.get("OUT")
     if not out or pathlib.Path(out).resolve() == results.parent.resolve():
-        return  # no $OUT, or the results already live there (a session lane packs its own directory)
+        return  # no results directory, or the results already live there (a session lane packs its own)
     shutil.copy(results, pathlib.Path(out) / results.name)
     with tarfile.open(pathlib.Path(out) / f"logs-{date}-h200.tar.xz", "w:xz") as tar:
         tar.add(logs, arcname=f"logs-{date}")
@@ -198,7 +198,7 @@ def main() -> int:
     parser.add_argument("--cases", default=None, help="regex on case ids (see --list)")
     parser.add_argument("--timeout-per-case", type=float, default=420)
     parser.add_argument("--deadline-s", type=float, default=560,
-                        help="start no case that could run past this many seconds from now (a run call is <= 600 s)")
+                        help="start no case that could run past this many seconds from now")
     parser.add_argument("--min-case-s", type=float, default=75,
                         help="do not start a case with less time than this left before the deadline")
     parser.add_argument("--date", default="2026-11-21")

@@ -306,7 +306,7 @@ def case_env(site: str, boundary_layers: int | None = None) -> dict:
     env.update(
         PYTHONPATH=site, PYTHONUNBUFFERED="1",
         VLLM_ENABLE_V1_MULTIPROCESSING="0",  # in-process engine core: the case reads its scheduler
-        VLLM_USE_FLASHINFER_SAMPLER="0",     # FlashInfer is not carried
+        VLLM_USE_FLASHINFER_SAMPLER="0",     # FlashInfer is not in the kit
         VLLM_PLUGINS="", VLLM_NO_USAGE_STATS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
         TRITON_CACHE_DIR="/tmp/tq-triton-cache", VLLM_CACHE_ROOT="/tmp/tq-vllm-cache",
     )

@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
-"""One GPU-host window on a 4-GPU machine (``nvidia-h200-x4``): the validation lanes of issues 2-4 side by side.
+"""GPU validation on a 4-GPU host (4x H200): the validation lanes of issues 2-4 side by side.
 
-Runs on the host from the repo root, after the carry kit's calls (tests/gpu/README.md "Running a window")
-left ``/tmp/site-{unpatched,patched}`` and the model carry's calls left its parts in ``/tmp/tqmodels``.
-Each phase is one device call; lanes of a phase run concurrently, each on its own GPU(s), each writing
-into its own directory under ``--state`` (kept in /tmp between back-to-back calls), and every lane
-directory is packed into ``$OUT/<lane>.tar.gz`` when the phase ends, so whatever a lane measured before
-a deadline or a crash comes back.
+Runs on the host from the repo root, with the GPU kit and the model parts copied there (tests/gpu/README.md
+"Running the matrix on a GPU host", "A 4-GPU run in three phases"). Each phase is one command bounded by
+--deadline-s; lanes of a phase run concurrently, each on its own GPU(s), each writing into its own
+directory under ``--state`` (in /tmp, kept between phases on the same host), and every lane directory is
+packed into ``<results dir>/<lane>.tar.gz`` when the phase ends (RESULTS_DIR, else OUT, else ./out), so
+whatever a lane measured before a deadline or a crash is kept.
 
     phase a (install + TP=4):  kit install, model install (CPU, in the background), then the
                                rtx5060ti-x4 Gemma 4 31B stack at TP=4 on all four GPUs (issue 4), then
@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-PACK_LIMIT = 15 * 1024 * 1024  # $OUT takes files up to 16 MiB
-# The multi-GPU hosts are shared: NVLink multicast must stay off in every process (device KINDS.md).
+PACK_LIMIT = 15 * 1024 * 1024  # each lane's tarball stays small enough to move and keep
+# NVLink multicast stays off in every process: shared multi-GPU hosts may not allow it.
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
@@ -44,7 +44,7 @@ class Lane:
     argv: list[str]  # "{out}" and "{deadline}" are filled in at start
     env: dict[str, str] = field(default_factory=dict)
     reserve_s: float = 20  # deadline margin the lane leaves for packing
-    max_s: float | None = None  # cap, for a lane that must leave the rest of the call to others
+    max_s: float | None = None  # cap, for a lane that must leave the rest of the phase to others
 
     def command(self, out: Path, deadline_s: float) -> list[str]:
         return [a.replace("{out}", str(out)).replace("{deadline}", str(int(deadline_s))) for a in self.argv]
@@ -80,7 +80,7 @@ def phase_lanes(phase: str) -> tuple[list[list[str]], list[Lane], list[Lane]]:
                                     "--results-dir", "{out}", "--deadline-s", "{deadline}",
                                     "--timeout-per-case", "{deadline}"]),
             Lane("bench", "2,3", ["bash", "tests/gpu/bench/run_bench.sh", "auto,turboquant_4bit_nc"],
-                 env={"ENFORCE_EAGER": "1", "BUDGET_S": "{deadline}", "OUT": "{out}"}),
+                 env={"ENFORCE_EAGER": "1", "BUDGET_S": "{deadline}", "RESULTS_DIR": "{out}"}),
         ]
         return [], [], concurrent
     if phase == "c":  # a fresh machine: what phases a and b left undone
@@ -108,7 +108,7 @@ def start(lane: Lane, state: Path, deadline_s: float) -> tuple[subprocess.Popen,
     out = state / lane.name
     out.mkdir(parents=True, exist_ok=True)
     lane_deadline = max(min(deadline_s, lane.max_s or deadline_s) - lane.reserve_s, 30)
-    env = {**os.environ, **NO_MULTICAST, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": lane.gpus, "OUT": str(out),
+    env = {**os.environ, **NO_MULTICAST, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": lane.gpus, "RESULTS_DIR": str(out),
            **{k: v.replace("{out}", str(out)).replace("{deadline}", str(int(lane_deadline)))
               for k, v in lane.env.items()}}
     argv = lane.command(out, lane_deadline)
@@ -135,7 +135,7 @@ def wait_all(running: list[tuple[Lane, subprocess.Popen, object]], until: float)
 
 
 def pack(state: Path, name: str, out_dir: Path) -> None:
-    """Lane dir + its log into $OUT/<lane>.tar.gz; drop the biggest logs first if it would not come back."""
+    """Lane dir + its log into <results dir>/<lane>.tar.gz; drop the biggest logs first if it is too big."""
     members = sorted((p for p in [state / f"{name}.log", *(state / name).rglob("*")] if p.is_file()),
                      key=lambda p: p.stat().st_size)
     target = out_dir / f"{name}.tar.gz"
@@ -153,7 +153,7 @@ def pack(state: Path, name: str, out_dir: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--phase", required=True, help="a (install + TP=4 + stock + image probe) or b (lanes)")
-    parser.add_argument("--deadline-s", type=float, default=560, help="the whole call, packing included")
+    parser.add_argument("--deadline-s", type=float, default=560, help="the whole phase, packing included")
     parser.add_argument("--state", type=Path, default=Path("/tmp/tq-session"))
     parser.add_argument("--lanes", default="", help="comma list: run only these lanes of the phase")
     parser.add_argument("--skip-setup", action="store_true", help="the kit is installed already")
@@ -174,9 +174,9 @@ def main() -> int:
             print("setup     ", shlex.join(command))
         for lane in exclusive + concurrent:
             kind = "exclusive " if lane in exclusive else "concurrent"
-            print(f"{kind} {lane.name:13} GPU {lane.gpus:8} {shlex.join(lane.command(Path('OUT/' + lane.name), 0))}")
+            print(f"{kind} {lane.name:13} GPU {lane.gpus:8} {shlex.join(lane.command(Path('RESULTS_DIR/' + lane.name), 0))}")
         return 0
-    out_dir = Path(os.environ.get("OUT", REPO / "out"))
+    out_dir = Path(os.environ.get("RESULTS_DIR") or os.environ.get("OUT") or REPO / "out")
     out_dir.mkdir(parents=True, exist_ok=True)
     args.state.mkdir(parents=True, exist_ok=True)
     deadline = t0 + args.deadline_s - 25  # packing
@@ -207,7 +207,7 @@ def main() -> int:
             models.wait(timeout=max(deadline - time.time(), 5))
             log(f"models.sh install: exit {models.returncode}")
         except subprocess.TimeoutExpired:
-            log("models.sh install still running at the deadline (it goes on while the machine is warm)")
+            log("models.sh install still running at the deadline (it goes on in the background)")
         pack_log = args.state / "models-install.log"
         if pack_log.exists():
             (out_dir / "models-install.log").write_bytes(pack_log.read_bytes()[-4_000_000:])

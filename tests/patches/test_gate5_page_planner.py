@@ -50,7 +50,7 @@ def test_patched_planner_pages(patched_tree, model, dtype):
 
 
 def test_patched_expected_layouts(patched_tree):
-    """The designs of gates.md's simulation table, for turboquant_4bit_nc."""
+    """The designs in patch 0009's header (its Results paragraph), for turboquant_4bit_nc."""
     results = probe.patched_results(run_in_vllm, patched_tree)
 
     def blocks(label):

@@ -16,7 +16,7 @@ import pytest
 from conftest import run_in_vllm
 
 PRESETS = ["turboquant_k8v4", "turboquant_4bit_nc", "turboquant_k3v4_nc", "turboquant_3bit_nc"]
-# Slot bytes per head per token (gates.md §1, from TQ_PRESETS on 0.26.0).
+# Slot bytes per head per token (from TQ_PRESETS on 0.26.0).
 SLOT_BYTES = {
     ("turboquant_k8v4", 256): 388, ("turboquant_k8v4", 512): 772,
     ("turboquant_4bit_nc", 256): 262, ("turboquant_4bit_nc", 512): 518,

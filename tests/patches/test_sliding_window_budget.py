@@ -1,8 +1,8 @@
 """0010: the KV-cache report bounds sliding-window layers by their window.
 
 Real get_kv_cache_configs on the full-size configs with the KV memory of the unpatched H200
-baseline (gpu-host.md), max_model_len 32768, max_num_batched_tokens 16384, async scheduling
-(so max_in_flight_tokens = 32768). Reports are the "GPU KV cache size" / "Maximum concurrency"
+baseline (tests/gpu/results/2026-11-21-h200.jsonl), max_model_len 32768, max_num_batched_tokens 16384,
+async scheduling (so max_in_flight_tokens = 32768). Reports are the "GPU KV cache size" / "Maximum concurrency"
 lines vLLM logs.
 """
 import pytest

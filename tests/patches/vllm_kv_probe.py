@@ -306,7 +306,7 @@ def main(cases: list[dict], capability=(12, 0), total_memory=141 * GIB, name="NV
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 MODELS = {
     # name: (architecture run on CPU, KV memory of the unpatched H200 baseline in GiB, extra args)
-    # Gemma 4 31B: 65.03 GiB (gpu-host.md); E4B and Qwen: the memory that reproduces the measured
+    # Gemma 4 31B: 65.03 GiB (tests/gpu/results/2026-11-21-h200.jsonl); E4B and Qwen: the memory that reproduces the measured
     # baseline (2,041,346 tokens / 62.30x and 1,109,742 tokens / 33.87x) with the pristine planner.
     "gemma-4-31b-it": ("Gemma4ForCausalLM", 65.03, {}),
     "gemma-4-e4b-it": ("Gemma4ForCausalLM", 109.1, {}),

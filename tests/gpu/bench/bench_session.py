@@ -3,12 +3,12 @@
 tqbench run directory (issue 3).
 
 Per dtype (``lane``, one GPU, its own state folder ``<state>/<dtype>/``):
-1. ``vllm serve`` (``--site``: the carry kit's patched install) of the full-size Qwen3.6-27B config with
+1. ``vllm serve`` (``--site``: the GPU kit's patched install) of the full-size Qwen3.6-27B config with
    dummy bf16 weights, 6 GiB KV (``--kv-cache-memory-bytes``), prefix caching off, eager;
 2. priming: the harness runs one unsaved wave (N = C) of every scenario, so neither tool measures
    first-shape compilation (Triton JIT of the TurboQuant kernels);
 3. ``tqbench run --parts capacity`` into the lane's run directory;
-4. fidelity, interleaved per scenario and repeated while the budget allows: harness (``tqbench run
+4. fidelity, interleaved per scenario and repeated while --deadline-s allows: harness (``tqbench run
    --parts latency --scenarios S``, its own run dir ``h<k>-S``), then ``vllm bench serve`` with the same
    ISL/OSL/N/C/seed/warm-ups (``vllm-bench/<dtype>/S.json``, ``S.rep<k>.json``); repeat 1 of the harness is
    the run's latency table, later repeats keep their latency.csv (``fidelity-reps/<dtype>/S.rep<k>.csv``);
@@ -114,7 +114,7 @@ def healthy(base_url: str) -> bool:
 
 
 def run_step(argv: list[str], *, env: dict, timeout: float, log_path: Path) -> int | None:
-    """Run one client step with its output in ``log_path``; None when the budget cut it short."""
+    """Run one client step with its output in ``log_path``; None when the deadline cut it short."""
     if timeout <= 5:
         return None
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -127,7 +127,7 @@ def run_step(argv: list[str], *, env: dict, timeout: float, log_path: Path) -> i
             return process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             stop(process)
-            out.write(f"\n(stopped: the call's budget ran out after {timeout:.0f} s)\n".encode())
+            out.write(f"\n(stopped: --deadline-s reached after {timeout:.0f} s)\n".encode())
             return None
 
 
@@ -422,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--site", type=Path, default=Path("/tmp/site-patched"))
     parser.add_argument("--client-path", default="", help="extra PYTHONPATH for tqbench (locust, lm_eval, needlehaystack)")
     parser.add_argument("--state", type=Path, default=Path("/tmp/tq-bench"))
-    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("RESULTS_DIR") or os.environ.get("OUT") or "out"),
+                        help="results directory (default: $RESULTS_DIR, else $OUT, else ./out)")
     parser.add_argument("--gpu-label", default="gpu", help="e.g. h200; names the run directory")
     parser.add_argument("--deadline-s", "--budget-s", dest="deadline_s", type=float, default=540,
                         help="wall seconds from start for everything, packing included")
@@ -454,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(plan(args, dtypes, gpus)))
         return 0
     if not (args.site / "vllm").is_dir():
-        parser.error(f"--site {args.site}: no vllm/ there; install the carry kit first (tests/gpu/README.md)")
+        parser.error(f"--site {args.site}: no vllm/ there; run tests/gpu/kit/install.sh first (tests/gpu/README.md)")
     args.state.mkdir(parents=True, exist_ok=True)
     if args.lane:
         return Lane(args, bench, args.lane, deadline).run()

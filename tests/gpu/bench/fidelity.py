@@ -104,7 +104,7 @@ def repeats(run_dir: Path, row: dict[str, Any], first: dict[str, Any], tolerance
     return out
 
 
-# Why a gap can remain although both tools define TPOT alike (anchors.md; vLLM 0.26.0 benchmarks/serve.py
+# Why a gap can remain although both tools define TPOT alike (vLLM 0.26.0 benchmarks/serve.py
 # and benchmarks/lib/endpoint_request_func.py, tqbench.metrics.latency): recorded in fidelity.json.
 DEFINITIONS = {
     "ttft": "both: first chunk that carries text - request send (client clock); harness perf_counter_ns, "

@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# GPU host, ONE lane (the carry kit already installed /tmp/site-patched; carry .gpu/extra):
-#   TQSTACK_COMMIT=<sha> CUDA_VISIBLE_DEVICES=2,3 bash tests/gpu/bench/run_bench.sh --out "$OUT/bench" --deadline-s 540
+# GPU host, ONE lane (tests/gpu/kit/install.sh already installed /tmp/site-patched; .gpu/extra copied):
+#   TQSTACK_COMMIT=<sha> CUDA_VISIBLE_DEVICES=2,3 bash tests/gpu/bench/run_bench.sh --out results/bench --deadline-s 540
 # One KV dtype per GPU in parallel (auto, turboquant_4bit_nc): patched vLLM 0.26.0 with the Qwen3.6-27B
 # full-size config and dummy weights (capacity; harness and `vllm bench serve` interleaved, repeated), then
 # SmolLM2-135M quality; merged into one tqbench run dir. --out gets bench-run.tar.gz, fidelity.json,
 # session.log. Other flags go to bench_session.py (--dry-run prints the plan; --repeats N; --dtypes ...).
 # ENFORCE_EAGER=0 drops --enforce-eager (torch.compile + CUDA graphs: slower start). Also accepted:
-# `run_bench.sh auto,turboquant_4bit_nc` with OUT and BUDGET_S in the environment (tests/gpu/session.py).
+# `run_bench.sh auto,turboquant_4bit_nc` with RESULTS_DIR (the results directory; OUT is read when it is
+# unset) and BUDGET_S (seconds) in the environment, as tests/gpu/session.py starts it.
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/../../.." && pwd)"
 SITE="${SITE:-/tmp/site-patched}"
 EXTRA_SITE="${EXTRA_SITE:-/tmp/site-extra}"
 STATE="${STATE:-/tmp/tq-bench}"
-OUT_DIR="${OUT:-$ROOT/out}"
+OUT_DIR="${RESULTS_DIR:-${OUT:-$ROOT/out}}"
 DEADLINE="${BUDGET_S:-540}"
 ARGS=()
 # A first argument without -- is the dtype list (tests/gpu/session.py calls `run_bench.sh auto,turboquant_4bit_nc`).
@@ -29,13 +30,13 @@ START=$(date +%s)
 for a in "${ARGS[@]}"; do [[ "$a" == --dry-run || "$a" == --list ]] && DRY=1; done
 if [[ -z "${DRY:-}" ]]; then
   if [[ ! -d "$SITE/vllm" ]]; then
-    echo "run_bench: $SITE has no vllm/; run the carry kit's install first (tests/gpu/README.md)" >&2
+    echo "run_bench: $SITE has no vllm/; run tests/gpu/kit/install.sh first (tests/gpu/README.md)" >&2
     exit 2
   fi
-  # The client's extra wheels (locust and its deps; lm_eval and needlehaystack --no-deps), from this carry.
+  # The client's extra wheels (locust and its deps; lm_eval and needlehaystack --no-deps), from .gpu/extra.
   if [[ ! -f "$EXTRA_SITE/.installed" ]]; then
     if ! ls "$ROOT"/.gpu/extra/*.whl >/dev/null 2>&1; then
-      echo "run_bench: no $EXTRA_SITE and no .gpu/extra/*.whl; carry .gpu/extra (build-extra-carry.sh)" >&2
+      echo "run_bench: no $EXTRA_SITE and no .gpu/extra/*.whl; copy .gpu/extra to the host (build-extra-kit.sh)" >&2
       exit 2
     fi
     (cd "$ROOT/.gpu/extra" && sha256sum -c --quiet SHA256SUMS) || { echo "run_bench: .gpu/extra checksum mismatch" >&2; exit 2; }

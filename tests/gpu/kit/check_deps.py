@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
-"""Check that the carried wheels plus the host image satisfy each other's Requires-Dist.
+"""Check that the kit's wheels plus the host image satisfy each other's Requires-Dist.
 
 Usage: check_deps.py WHEEL_DIR HOST_PACKAGES_TXT [--ignore NAME ...]
 
 Every requirement (evaluated for CPython 3.12 on Linux x86_64, no extras) of every
-wheel in WHEEL_DIR must be met by a carried wheel (name and version) or be a package the
+wheel in WHEEL_DIR must be met by a wheel of the kit (name and version) or be a package the
 host image already has (version checked only where host-packages.txt pins one).
 Requirements on GPU-only kernels that the kit leaves out on purpose are passed with
 --ignore. Exits 1 listing each unmet requirement, so a missing wheel shows up here and
-not as an ImportError inside the 22-minute GPU window.
+not as an ImportError on the GPU host.
 """
 import argparse
 import pathlib
@@ -47,13 +47,13 @@ def main() -> int:
     parser.add_argument("--ignore", nargs="*", default=[], help="requirement names left out on purpose")
     args = parser.parse_args()
 
-    carried = {}
+    kit_wheels = {}
     for wheel in sorted(args.wheel_dir.glob("*.whl")):
         name, version, _, _ = parse_wheel_filename(wheel.name)
-        if name in carried:
-            print(f"two versions of {name} carried: {carried[name][0]} and {version}", file=sys.stderr)
+        if name in kit_wheels:
+            print(f"two versions of {name} in the kit: {kit_wheels[name][0]} and {version}", file=sys.stderr)
             return 1
-        carried[name] = (version, wheel)
+        kit_wheels[name] = (version, wheel)
 
     host = {}
     for line in args.host_packages.read_text().splitlines():
@@ -64,23 +64,23 @@ def main() -> int:
 
     ignored = {canonicalize_name(n) for n in args.ignore}
     unmet = []
-    for name, (_, wheel) in carried.items():
+    for name, (_, wheel) in kit_wheels.items():
         for requirement in wheel_requirements(wheel):
             required = canonicalize_name(requirement.name)
             if required in ignored:
                 continue
-            if required in carried:
-                if not requirement.specifier.contains(carried[required][0], prereleases=True):
-                    unmet.append(f"{name}: needs {requirement}, carried {carried[required][0]}")
+            if required in kit_wheels:
+                if not requirement.specifier.contains(kit_wheels[required][0], prereleases=True):
+                    unmet.append(f"{name}: needs {requirement}, the kit has {kit_wheels[required][0]}")
             elif required in host:
                 host_version = host[required]
                 if host_version and not requirement.specifier.contains(host_version, prereleases=True):
-                    unmet.append(f"{name}: needs {requirement}, host has {host_version} (carry a wheel)")
+                    unmet.append(f"{name}: needs {requirement}, host has {host_version} (add a wheel to the kit)")
             else:
-                unmet.append(f"{name}: needs {requirement}, neither carried nor on the host")
+                unmet.append(f"{name}: needs {requirement}, neither in the kit nor on the host")
     for line in unmet:
         print("UNMET", line, file=sys.stderr)
-    print(f"check_deps: {len(carried)} wheels, {len(unmet)} unmet requirements")
+    print(f"check_deps: {len(kit_wheels)} wheels, {len(unmet)} unmet requirements")
     return 1 if unmet else 0
 
 

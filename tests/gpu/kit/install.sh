@@ -1,24 +1,24 @@
 #!/usr/bin/env bash
 # Runs ON THE GPU HOST, from the repo root. Two modes:
 #
-#   tests/gpu/kit/install.sh stash     # copy the carried part(s) from .gpu/parts/ to /tmp/tqkit/
+#   tests/gpu/kit/install.sh stash     # copy the part(s) present in .gpu/parts/ to /tmp/tqkit/
 #   tests/gpu/kit/install.sh           # stash, then reassemble, verify, install, patch, print versions
 #
-# The host forgets /tmp ~30 s after a call returns, so the part calls and the final
-# install call must follow each other at once (see tests/gpu/README.md).
+# With every part in .gpu/parts/, the second form alone is enough. `stash` is for a host that
+# receives the parts one at a time: /tmp/tqkit collects them until the last one arrives.
 # Result: /tmp/site-unpatched (stock vLLM 0.26.0 + deps) and, when the patch series
 # exists, /tmp/site-patched (same + patches/apply). Use with PYTHONPATH=/tmp/site-<variant>.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../../.." && pwd)
 STASH=/tmp/tqkit
-CARRIED=$ROOT/.gpu/parts
+PARTS_DIR=$ROOT/.gpu/parts
 mode=${1:-install}
 
 mkdir -p "$STASH"
 shopt -s nullglob
-[[ -f $CARRIED/SHA256SUMS ]] && cp "$CARRIED/SHA256SUMS" "$STASH/"
-for part in "$CARRIED"/tqkit.tar.xz.part-*; do
+[[ -f $PARTS_DIR/SHA256SUMS ]] && cp "$PARTS_DIR/SHA256SUMS" "$STASH/"
+for part in "$PARTS_DIR"/tqkit.tar.xz.part-*; do
   cp "$part" "$STASH/"
   (cd "$STASH" && grep " $(basename "$part")\$" SHA256SUMS | sha256sum -c --quiet) \
     || { echo "install: checksum mismatch for $(basename "$part")" >&2; exit 1; }
@@ -29,13 +29,13 @@ if [[ $mode == stash ]]; then
 fi
 [[ $mode == install ]] || { echo "install: unknown mode '$mode' (valid: stash, install)" >&2; exit 2; }
 
-[[ -f $STASH/SHA256SUMS ]] || { echo "install: no SHA256SUMS in $STASH or $CARRIED" >&2; exit 1; }
+[[ -f $STASH/SHA256SUMS ]] || { echo "install: no SHA256SUMS in $STASH or $PARTS_DIR" >&2; exit 1; }
 missing=()
 for part in $(awk '/part-/{print $2}' "$STASH/SHA256SUMS"); do
   [[ -f $STASH/$part ]] || missing+=("$part")
 done
 if ((${#missing[@]})); then
-  echo "install: missing parts ${missing[*]} (earlier stash calls lost? the host forgets /tmp 30 s after a call)" >&2
+  echo "install: missing parts ${missing[*]} (copy them to .gpu/parts/, or stash each one as it arrives; /tmp/tqkit must survive until the last)" >&2
   exit 1
 fi
 t0=$SECONDS
@@ -52,7 +52,7 @@ echo "install: /tmp/site-unpatched ready in $((SECONDS - t0)) s"
 patch_files=("$ROOT"/patches/vllm-0.26.0/*.patch)
 if [[ -f $ROOT/patches/apply && ${#patch_files[@]} -gt 0 ]]; then
   cp -a /tmp/site-unpatched /tmp/site-patched
-  # A failing series must not cost the window its unpatched baseline.
+  # A failing series must not cost the run its unpatched baseline.
   if python3 "$ROOT/patches/apply" /tmp/site-patched; then
     echo "install: /tmp/site-patched ready (${#patch_files[@]} patch files in the checkout)"
   else

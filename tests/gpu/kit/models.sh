@@ -1,21 +1,21 @@
 #!/usr/bin/env bash
 # Runs ON THE GPU HOST, from the repo root, after tests/gpu/kit/install.sh. Two modes:
 #
-#   tests/gpu/kit/models.sh stash     # copy the carried part(s) from .gpu/models/ to /tmp/tqmodels/
+#   tests/gpu/kit/models.sh stash     # copy the part(s) present in .gpu/models/ to /tmp/tqmodels/
 #   tests/gpu/kit/models.sh install   # stash, then reassemble, verify, untar, install gguf into
 #                                     # /tmp/site-models, convert both GGUFs to HF folders
 #
 # Result: /tmp/tqmodels/hf/smollm2-135m/ (LlamaForCausalLM bf16 + tokenizer) and
-# /tmp/tqmodels/hf/gemma3-270m/ (Gemma3ForCausalLM bf16, no tokenizer: token ids are carried).
-# The host forgets /tmp ~30 s after a call returns: issue the part calls back to back.
-# Overrides (CPU test here): TQMODELS_TMP (default /tmp), TQMODELS_CARRIED (default .gpu/models),
+# /tmp/tqmodels/hf/gemma3-270m/ (Gemma3ForCausalLM bf16, no tokenizer: the token ids come with the parts).
+# With every part in .gpu/models/, `install` alone is enough; `stash` collects parts that arrive one at a time.
+# Overrides (CPU test here): TQMODELS_TMP (default /tmp), TQMODELS_PARTS (default .gpu/models),
 # TQMODELS_SITE (transformers 5.14.1 site, default /tmp/site-patched), PYTHON (default python3).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../../.." && pwd)
 TMP_ROOT=${TQMODELS_TMP:-/tmp}
 STASH=$TMP_ROOT/tqmodels
-CARRIED=${TQMODELS_CARRIED:-$ROOT/.gpu/models}
+PARTS_DIR=${TQMODELS_PARTS:-$ROOT/.gpu/models}
 SITE=${TQMODELS_SITE:-/tmp/site-patched}
 MODELS_SITE=$TMP_ROOT/site-models
 PY=${PYTHON:-python3}
@@ -24,8 +24,8 @@ mode=${1:-install}
 
 mkdir -p "$STASH"
 shopt -s nullglob
-[[ -f $CARRIED/SHA256SUMS ]] && cp "$CARRIED/SHA256SUMS" "$STASH/"
-for part in "$CARRIED"/tqmodels.tar.part-*; do
+[[ -f $PARTS_DIR/SHA256SUMS ]] && cp "$PARTS_DIR/SHA256SUMS" "$STASH/"
+for part in "$PARTS_DIR"/tqmodels.tar.part-*; do
   [[ -f $STASH/SHA256SUMS ]] || { echo "models: no SHA256SUMS next to $part" >&2; exit 1; }
   cp "$part" "$STASH/"
   (cd "$STASH" && grep " $(basename "$part")\$" SHA256SUMS | sha256sum -c --quiet) \
@@ -36,14 +36,14 @@ if [[ $mode == stash ]]; then
   ls -l "$STASH"; exit 0
 fi
 
-[[ -f $STASH/SHA256SUMS ]] || { echo "models: no SHA256SUMS in $STASH or $CARRIED" >&2; exit 1; }
+[[ -f $STASH/SHA256SUMS ]] || { echo "models: no SHA256SUMS in $STASH or $PARTS_DIR" >&2; exit 1; }
 mapfile -t parts < <(awk '/part-/{print $2}' "$STASH/SHA256SUMS")  # in split order (aa, ab, ...)
 missing=()
 for part in "${parts[@]}"; do
   [[ -f $STASH/$part ]] || missing+=("$part")
 done
 if ((${#missing[@]})); then
-  echo "models: missing parts ${missing[*]} (earlier stash calls lost? the host forgets /tmp 30 s after a call)" >&2
+  echo "models: missing parts ${missing[*]} (copy them to .gpu/models/, or stash each one as it arrives; /tmp/tqmodels must survive until the last)" >&2
   exit 1
 fi
 [[ -d $SITE ]] || { echo "models: TQMODELS_SITE $SITE does not exist (run tests/gpu/kit/install.sh first)" >&2; exit 1; }

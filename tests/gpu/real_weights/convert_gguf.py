@@ -6,7 +6,7 @@
 transformers dequantizes the GGUF into an ordinary model; the GGUF quantizer is dropped before
 `save_pretrained` (recipe of bench/fixtures/convert_smollm2.py). `--tokenizer` also saves the
 tokenizer (only SmolLM2's converts correctly; Gemma 3's is mis-converted by transformers 5.14.1,
-so its token ids are carried pre-computed in token_ids.json instead).
+so its token ids come pre-computed in token_ids.json instead).
 """
 from __future__ import annotations
 

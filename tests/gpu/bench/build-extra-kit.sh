@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Build .gpu/extra/: the wheels the benchmark client (tqbench: locust load generation) needs on the
-# GPU host beyond the host image and the carry kit (pydantic, pyzmq, vLLM come from the kit).
-# Python 3.12 manylinux wheels, pinned; one folder well under the 57 MiB a device call can carry
-# next to the working tree. Run here (network), once:  bash tests/gpu/bench/build-extra-carry.sh
+# GPU host beyond the host image and the GPU kit (pydantic, pyzmq, vLLM come from the kit).
+# Python 3.12 manylinux wheels, pinned; one folder kept under 57 MiB so that it travels in one
+# size-limited transfer. Run on a machine with network, once:  bash tests/gpu/bench/build-extra-kit.sh
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../../.." && pwd)"
 DEST="$ROOT/.gpu/extra"
@@ -10,7 +10,7 @@ PYTHON="${PYTHON:-python3}"
 LIMIT_BYTES=$((57 * 1024 * 1024))
 
 # locust 2.47.0 and what it needs that the host image lacks (host-packages.txt has flask's jinja2/click/
-# markupsafe/werkzeug, requests, msgpack, psutil, pytest, typing-extensions; the kit carries pyzmq).
+# markupsafe/werkzeug, requests, msgpack, psutil, pytest, typing-extensions; the kit has pyzmq).
 WHEELS=(
   locust==2.47.0 gevent==26.9.0 greenlet==3.5.6 zope.event==6.2 zope.interface==8.7
   geventhttpclient==2.6.1 brotli==1.2.1 flask==3.1.3 flask-cors==6.0.5 flask-login==0.6.3 blinker==1.9.0
@@ -33,15 +33,15 @@ mkdir -p "$DEST/gsm8k" && cp "$GSM8K_SRC"/test.jsonl "$GSM8K_SRC"/train.jsonl "$
 
 size=$(du -cb "$DEST"/*.whl "$DEST"/nodeps/*.whl "$DEST"/gsm8k/* | tail -1 | cut -f1)
 if (( size > LIMIT_BYTES )); then
-  echo "build-extra-carry: $DEST is $size bytes, over the 57 MiB a call can carry" >&2
+  echo "build-extra-kit: $DEST is $size bytes, over the 57 MiB limit" >&2
   exit 1
 fi
 
-# Every Requires-Dist must be carried here, carried by the kit, or on the host image.
+# Every Requires-Dist must be in this folder, in the GPU kit, or on the host image.
 available="$(mktemp)"
 trap 'rm -f "$available"' EXIT
 cat "$ROOT/tests/gpu/kit/host-packages.txt" > "$available"
 grep -Ev '^\s*(#|$)' "$ROOT/tests/gpu/kit/requirements-gpu.txt" >> "$available"
 "$PYTHON" "$ROOT/tests/gpu/kit/check_deps.py" "$DEST" "$available"
 (cd "$DEST" && sha256sum ./*.whl ./nodeps/*.whl ./gsm8k/* > SHA256SUMS)
-echo "build-extra-carry: $(ls "$DEST"/*.whl | wc -l) wheels, $((size / 1024)) KiB in $DEST"
+echo "build-extra-kit: $(ls "$DEST"/*.whl | wc -l) wheels, $((size / 1024)) KiB in $DEST"

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Build the GPU-host carry: a slim vLLM 0.26.0 wheel + the pinned dependency wheels the
-# offline host lacks, as one xz tarball split into <= 60 MiB parts under .gpu/parts/
-# (each `run` call may carry at most 64 MiB including the repo).
+# Build the GPU kit: a slim vLLM 0.26.0 wheel + the pinned dependency wheels the offline
+# GPU host lacks, as one xz tarball split into <= 60 MiB parts under .gpu/parts/ (small
+# enough for size-limited transfers; copy them all at once where the host allows).
 #
-#   tests/gpu/kit/build-carry.sh            # from the repo root; ~15-25 min on 2 cores (xz)
+#   tests/gpu/kit/build-kit.sh              # from the repo root; ~15-25 min on 2 cores (xz)
 #
 # Output: .gpu/parts/tqkit.tar.xz.part-aa, -ab, ... and .gpu/parts/SHA256SUMS
 # (checksums of the whole tarball and of each part). Same inputs give the same bytes.
@@ -14,17 +14,17 @@ KIT=$ROOT/tests/gpu/kit
 CACHE=${TQSTACK_CACHE:-$HOME/.cache/tqstack}
 VLLM_WHEEL_NAME=vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl
 VLLM_WHEEL_SHA256=adb1e4c9b46d0dfdb094121ae5aad670a42412dd813ed4e5db069ed6a15006de
-# A run call carries <= 64 MiB including the repo tree (~1.5 MiB): parts of at most
-# MAX_PART_MIB, equal-sized, as few as possible (each part is one more call in the window).
+# Parts of at most MAX_PART_MIB, equal-sized, as few as possible (each part is one more
+# transfer where the host takes one part at a time).
 MAX_PART_MIB=${MAX_PART_MIB:-60}
 STAGE=$ROOT/build/gpu-kit            # build/ is git-ignored
-PARTS=$ROOT/.gpu/parts               # .gpu/ is git-ignored; named in `run`'s carry
+PARTS=$ROOT/.gpu/parts               # .gpu/ is git-ignored; copy it to the GPU host with the checkout
 
 # Left out of the vLLM wheel. Kept: FA2 (TurboQuant forces FlashAttention 2 for prefill
 # and boundary layers), _C_stable_libtorch, _flashmla*, triton kernels, all Python code.
 DROP=(
   vllm/vllm_flash_attn/_vllm_fa3_C.abi3.so     # FA3 (153 MB): TurboQuant pins FA2; bf16 layers use FA2/Triton
-  vllm/vllm_flash_attn/cute                    # FA4: needs nvidia-cutlass-dsl (not carried); without cute/interface.py
+  vllm/vllm_flash_attn/cute                    # FA4: needs nvidia-cutlass-dsl (not in the kit); without cute/interface.py
                                                # vLLM reports FA4 unavailable instead of failing at the first forward
   vllm/_moe_C_stable_libtorch.abi3.so          # MoE kernels: all three target models are dense
   vllm/vllm-rs                                 # Rust frontend binary, unused by `vllm serve`/LLM
@@ -35,15 +35,15 @@ DROP=(
   vllm/third_party/deep_gemm/_C.cpython-314-x86_64-linux-gnu.so
   vllm/third_party/fmha_sm100/cutlass          # SM100 (Blackwell datacenter) CUTLASS headers
 )
-# Requires-Dist of vLLM deliberately not carried: GPU kernels for other paths (FlashInfer,
+# Requires-Dist of vLLM deliberately left out of the kit: GPU kernels for other paths (FlashInfer,
 # CUTLASS DSL, tilelang, ...) and lazily imported extras (Anthropic/MCP/Mistral/OTel/video).
-NOT_CARRIED=(PyNvVideoCodec fastsafetensors flashinfer-python humming-kernels nvidia-cudnn-frontend
+LEFT_OUT=(PyNvVideoCodec fastsafetensors flashinfer-python humming-kernels nvidia-cudnn-frontend
   nvidia-cutlass-dsl nvtx quack-kernels tilelang tokenspeed-mla torchcodec
   anthropic mcp mistral_common opentelemetry-api opentelemetry-sdk opentelemetry-exporter-otlp
   opentelemetry-semantic-conventions-ai)
 
 PY=${PYTHON:-python3}
-"$PY" -c 'import packaging' 2>/dev/null || { echo "build-carry: needs the 'packaging' module for $PY" >&2; exit 1; }
+"$PY" -c 'import packaging' 2>/dev/null || { echo "build-kit: needs the 'packaging' module for $PY" >&2; exit 1; }
 
 mkdir -p "$CACHE/wheels" "$CACHE/gpu-wheels"
 if [[ ! -f $CACHE/wheels/$VLLM_WHEEL_NAME ]]; then
@@ -68,16 +68,16 @@ for req in "${wanted[@]}"; do
   name=${req%%==*}; version=${req#*==}
   pattern=$(echo "$name" | tr '[:upper:]-.' '[:lower:]__')
   match=$(cd "$CACHE/gpu-wheels" && ls | awk -v p="$pattern" -v v="$version" 'tolower($0) ~ "^"p"-"v"-" {print}' | head -1)
-  [[ -n $match ]] || { echo "build-carry: no wheel for $req in $CACHE/gpu-wheels" >&2; exit 1; }
+  [[ -n $match ]] || { echo "build-kit: no wheel for $req in $CACHE/gpu-wheels" >&2; exit 1; }
   "$PY" "$KIT/repack_wheel.py" "$CACHE/gpu-wheels/$match" "$STAGE/wheels/$match" >/dev/null
 done
-"$PY" "$KIT/check_deps.py" "$STAGE/wheels" "$KIT/host-packages.txt" --ignore "${NOT_CARRIED[@]}"
+"$PY" "$KIT/check_deps.py" "$STAGE/wheels" "$KIT/host-packages.txt" --ignore "${LEFT_OUT[@]}"
 
 # Manifest inside the tarball: what was dropped and why it is safe to ignore.
 {
   echo "vllm_wheel_sha256=$VLLM_WHEEL_SHA256"
   printf 'dropped=%s\n' "${DROP[@]}"
-  printf 'not_carried=%s\n' "${NOT_CARRIED[@]}"
+  printf 'left_out=%s\n' "${LEFT_OUT[@]}"
   (cd "$STAGE/wheels" && ls)
 } > "$STAGE/KIT-MANIFEST"
 
