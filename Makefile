@@ -43,5 +43,10 @@ test-gpu-scripts: venv patches-trees $(VLLM_VENV)/.installed
 	$(VPY) -m pytest -q tests/gpu/stacks tests/gpu/bench tests/gpu/test_real_weights.py tests/gpu/test_mm_prefix_probe.py
 	PYTHONPATH=$(VLLM_PATCHED) $(VLLM_VPY) -m pytest -q -p no:cacheprovider tests/gpu/test_mm_prefix_probe.py
 
-test: test-configs images-check patches-check test-bench test-gpu-scripts
+# Nothing outside tests/gpu may read a folder beside the repository (a fresh clone has none).
+.PHONY: check-self-contained
+check-self-contained:
+	@bash .ci/check-self-contained
+
+test: check-self-contained test-configs images-check patches-check test-bench test-gpu-scripts
 	@echo "make test: all suites passed"

@@ -52,7 +52,8 @@ def e2e_config(tmp_path_factory, vllm_cpu_server_log) -> Path:
 
 
 def _cli(*args: str, env_extra: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, **(env_extra or {})}
+    env = {k: v for k, v in os.environ.items() if k != "TQBENCH_GSM8K_DIR"}  # the committed copy, as a user gets
+    env.update(env_extra or {})
     return subprocess.run([sys.executable, "-m", "tqbench.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
 
@@ -61,8 +62,7 @@ def _cli(*args: str, env_extra: dict | None = None, timeout: int = 600) -> subpr
 def run_dir(tmp_path_factory, e2e_config, vllm_cpu_server, gsm8k_dir) -> Path:
     out = tmp_path_factory.mktemp("e2e-run") / "run"
     result = _cli("run", "--config", str(e2e_config), "--endpoint", vllm_cpu_server.base_url,
-                  "--model", vllm_cpu_server.model, "--kv", "auto", "--run-dir", str(out),
-                  env_extra={"TQBENCH_GSM8K_DIR": str(gsm8k_dir)})
+                  "--model", vllm_cpu_server.model, "--kv", "auto", "--run-dir", str(out))
     assert result.returncode == 0, f"tqbench run failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return out
 
@@ -142,8 +142,7 @@ def test_manifest_and_rerun_skips_finished_cells(run_dir, e2e_config, vllm_cpu_s
     assert manifest, "empty manifest"
     before = (run_dir / "quality.csv").read_text()
     result = _cli("run", "--config", str(e2e_config), "--endpoint", vllm_cpu_server.base_url, "--model",
-                  vllm_cpu_server.model, "--kv", "auto", "--run-dir", str(run_dir),
-                  env_extra={"TQBENCH_GSM8K_DIR": str(gsm8k_dir)}, timeout=180)
+                  vllm_cpu_server.model, "--kv", "auto", "--run-dir", str(run_dir), timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "done 0, skipped 3" in result.stderr + result.stdout
     assert (run_dir / "quality.csv").read_text() == before
