@@ -87,6 +87,10 @@ def run(
                 raise BenchConfigError("--launch-cmd needs --model (the name the launched server serves)")
             target = command_template_target(launch_cmd, base_url, model, host, port, timeout, api_key)
             extra.update(model=model, base_url=base_url)
+            if not vllm_python:  # a command run by a python: that interpreter's vLLM is the one measured
+                argv0 = target.argv_for(bench.kv_cache_dtypes[0])[0]
+                if Path(argv0).name.startswith("python"):
+                    extra["vllm_python"] = argv0
         else:
             target = stack_target(stack, launcher=launcher, host=host, port=port, health_timeout_s=timeout,
                                   vllm_bin=vllm_bin, python=vllm_python, compose_file=compose_file,
