@@ -24,6 +24,7 @@ venv: $(VENV)/.installed
 
 help:
 	@echo "make up STACK=<name>    serve a stack (docker compose); make down stops it"
+	@echo "make plan STACK=<name>  print a stack's predicted KV-cache capacity (tqconfig plan)"
 	@echo "make test               run every check CI runs"
 	@echo "make bench              benchmark a stack or endpoint (capacity, quality, latency)"
 	@echo "make demo               serve SmolLM2-135M on the CPU build of vLLM and benchmark it"
