@@ -101,11 +101,13 @@ def run(
     out = run_dir or Path("runs") / f"{bench.name}-{datetime.now():%Y%m%d-%H%M%S}"
     console.print(f"tqbench: {bench.name} · KV {', '.join(bench.kv_cache_dtypes)} · parts {', '.join(bench.parts)} "
                   f"· {target.description} → {out}", highlight=False)
+    from tqbench.records import short_message
+
     result = run_matrix(bench, target, out, extra_info=extra)
     console.print(f"report: {out / 'report.md'}  (done {len(result.done)}, skipped {len(result.skipped)} finished, "
                   f"failed {len(result.failed)})", highlight=False)
     for dtype, part, error in result.failed:
-        console.print(f"  [red]FAIL[/] {dtype} / {part}: {error.splitlines()[0][:200]}", highlight=False)
+        console.print(f"  [red]FAIL[/] {dtype} / {part}: {short_message(error)}", highlight=False)
     if result.interrupted:
         raise typer.Exit(130)
     if result.failed:

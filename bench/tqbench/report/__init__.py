@@ -16,6 +16,7 @@ import pandas as pd
 
 from tqbench.metrics import summarize_part
 from tqbench.report.glossary import GLOSSARY
+from tqbench.records import short_message
 from tqbench.report.manifest import now_iso
 
 PERF_COLUMNS = [  # (header, column, higher_is_better)
@@ -72,7 +73,7 @@ def _dtype_order(run_info: dict, *frames: pd.DataFrame | None) -> list[str]:
 
 
 def _failure_note(failures: list[dict], part: str) -> str:
-    lines = [f"- **FAIL** `{f['kv_cache_dtype']}`: {f['error'].splitlines()[0][:300]}" for f in failures if f["part"] == part]
+    lines = [f"- **FAIL** `{f['kv_cache_dtype']}`: {short_message(f['error'])}" for f in failures if f["part"] == part]
     return ("\n" + "\n".join(lines) + "\n") if lines else ""
 
 
@@ -409,7 +410,7 @@ def build_report(run_dir: Path) -> Path:
     ]
     if failures:
         head += ["**Unfinished cells** (see raw/failures.jsonl; rerun the same command to resume):", ""]
-        head += [f"- `{f['kv_cache_dtype']}` / {f['part']}: {f['kind']} — {f['error'].splitlines()[0][:300]}"
+        head += [f"- `{f['kv_cache_dtype']}` / {f['part']}: {f['kind']} — {short_message(f['error'])}"
                  for f in failures]
         head.append("")
     capacity_skipped, _ = summarize_part("capacity", run_dir, "skipped")
