@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -37,7 +37,7 @@ class CapacitySettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     probe: bool = Field(default=True, description="run the admission probe")
-    probe_context_lens: list[int | Literal["max_model_len"]] | None = Field(
+    probe_context_lens: list[int | str] | None = Field(
         default=None, min_length=1,
         description="probe lengths L (tokens per request, >= 64) or 'max_model_len'; default: [1024, 4096, "
                     "'max_model_len']; a length above the server's max_model_len is skipped with the reason recorded")
@@ -57,7 +57,7 @@ class CapacitySettings(BaseModel):
     @field_validator("probe_context_lens")
     @classmethod
     def _long_enough(cls, lengths):
-        bad = [n for n in lengths or [] if isinstance(n, int) and n < 64]
+        bad = [n for n in lengths or [] if (isinstance(n, int) and n < 64) or (isinstance(n, str) and n != "max_model_len")]
         if bad:
             raise ValueError(f"probe lengths must be >= 64 tokens or 'max_model_len', got {bad}")
         return lengths
