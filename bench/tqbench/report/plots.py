@@ -2,12 +2,14 @@
 
 Every panel has a y-axis label with its unit and says whether lower or higher is better; n (the
 samples behind a bar) is in the tick labels; one legend per figure sits below the panels, never on
-the data. A panel is drawn only when it says something new: a metric whose values equal an earlier
-panel's (TPOT and token ITL when every chunk carries one token; GSM8K strict and flexible when they
-agree on every answer) is left out, and the figure says so.
+the data. A panel is drawn only when it says something new: a latency metric within 2 % of an
+earlier panel in the same unit on every bar (TPOT and token ITL when every chunk carries one token),
+or a quality metric equal to another of its task for every dtype (GSM8K strict and flexible when
+they agree), is left out, and the figure says so.
 """
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 
@@ -15,20 +17,32 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-SAME_RTOL = 0.005  # two panels within 0.5 % on every bar are the same panel
+SAME_RTOL = 0.02  # two panels within 2 % on every bar say the same thing
 
 
-def _label(text: str, width: int = 14) -> str:
-    return "\n".join(textwrap.wrap(str(text).replace("_", " "), width)) or str(text)
+def _label(text: str, width: int = 13) -> str:
+    """The exact name (underscores kept), wrapped after underscores so tick labels stay narrow."""
+    lines: list[str] = []
+    for piece in re.findall(r"[^_]+_?|_", str(text)):
+        if lines and len(lines[-1]) + len(piece) <= width:
+            lines[-1] += piece
+        else:
+            lines.append(piece)
+    return "\n".join(lines) or str(text)
 
 
-def _same(a: pd.Series, b: pd.Series) -> bool:
+def _thousands(ax) -> None:
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}" if abs(v) >= 1000 else f"{v:g}"))
+
+
+def _same(a: pd.Series, b: pd.Series, rtol: float = SAME_RTOL) -> bool:
     a, b = a.to_numpy(dtype=float), b.to_numpy(dtype=float)
     both = ~(np.isnan(a) | np.isnan(b))
-    return bool(np.array_equal(np.isnan(a), np.isnan(b)) and np.allclose(a[both], b[both], rtol=SAME_RTOL, atol=0))
+    return bool(np.array_equal(np.isnan(a), np.isnan(b)) and np.allclose(a[both], b[both], rtol=rtol, atol=0))
 
 
 def _grouped_bars(ax, frame: pd.DataFrame, group: str, hue: str, value: str, hues: list[str],
@@ -51,8 +65,8 @@ def _finish(fig, axes, handles, hues: list[str], title: str, note: str = "") -> 
         fig.legend(handles, hues, loc="lower center", ncol=min(len(hues), 6), fontsize=8, title="KV dtype",
                    bbox_to_anchor=(0.5, 0.0))
     if note:
-        fig.text(0.01, 0.005 if len(hues) <= 1 else 0.09, note, fontsize=7, ha="left", va="bottom")
-    bottom = (0.2 if len(hues) > 1 else 0.08) + (0.04 if note else 0)
+        fig.text(0.01, 0.005 if len(hues) <= 1 else 0.11, note, fontsize=7, ha="left", va="bottom")
+    bottom = (0.12 if len(hues) > 1 else 0.02) + (0.04 if note else 0)
     fig.tight_layout(rect=(0, bottom, 1, 0.95))
 
 
@@ -63,16 +77,19 @@ def capacity_plot(frame: pd.DataFrame, path: Path) -> None:
     fig, axes = plt.subplots(1, ncols, figsize=(5.5 * ncols, 4.2), squeeze=False)
     ax = axes[0][0]
     x = np.arange(len(per_dtype))
-    width = 0.4 if per_dtype["predicted_kv_tokens"].notna().any() else 0.6
-    ax.bar(x - (width / 2 if width == 0.4 else 0), per_dtype["kv_cache_tokens"].astype(float), width,
-           label="server (measured)", color="C0")
-    if width == 0.4:
-        ax.bar(x + 0.2, per_dtype["predicted_kv_tokens"].astype(float), 0.4, label="planner (predicted)",
-               hatch="//", color="C0", alpha=0.45)
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.18), ncol=2, frameon=False)
+    colors = [f"C{i}" for i in range(len(per_dtype))]
+    predicted = per_dtype["predicted_kv_tokens"].notna().any()
+    width = 0.4 if predicted else 0.6
+    ax.bar(x - (0.2 if predicted else 0), per_dtype["kv_cache_tokens"].astype(float), width, color=colors,
+           label="server (measured)")
+    if predicted:
+        ax.bar(x + 0.2, per_dtype["predicted_kv_tokens"].astype(float), 0.4, color=colors, alpha=0.45, hatch="//",
+               label="planner (predicted, hatched)")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.2), ncol=2, frameon=False)
     ax.set_xticks(x)
     ax.set_xticklabels([_label(d) for d in per_dtype["kv_cache_dtype"]], rotation=0, ha="center", fontsize=8)
     ax.set_ylabel("KV cache capacity (tokens)")
+    _thousands(ax)
     ax.set_title("KV cache tokens — higher is better", fontsize=10)
     if len(probed):
         ax = axes[0][1]
@@ -104,9 +121,9 @@ def latency_panels(frame: pd.DataFrame) -> tuple[list[tuple[str, str, str]], lis
     for column, unit, title in LATENCY_PANELS:
         if column not in frame or frame[column].isna().all():
             continue
-        twin = next((c for c, u, _ in kept if u == unit and _same(frame[c], frame[column])), None)
+        twin = next((t for c, u, t in kept if u == unit and _same(frame[c], frame[column])), None)
         if twin is not None:
-            dropped.append(f"{title.split(' —')[0]} equals {twin} on every bar")
+            dropped.append(f"{title.split(' —')[0]} (within 2 % of {twin.split(' —')[0]} on every bar)")
             continue
         kept.append((column, unit, title))
     return kept, dropped
@@ -126,6 +143,7 @@ def latency_plot(frame: pd.DataFrame, path: Path) -> None:
         handles = _grouped_bars(ax, frame, "scenario", "kv_cache_dtype", column, hues, ticks)
         ax.set_title(textwrap.fill(title, 34), fontsize=9)
         ax.set_ylabel(unit)
+        _thousands(ax)
     note = ("Not drawn: " + "; ".join(dropped) + ".") if dropped else ""
     note += (" " if note else "") + "n = measured requests per bar."
     _finish(fig, axes, handles, hues if len(hues) > 1 else [], "3. Performance per scenario", note)
@@ -145,9 +163,9 @@ def quality_panels(frame: pd.DataFrame) -> tuple[list[tuple[str, str]], list[str
         values = frame[(frame["task"] == task) & (frame["metric"] == metric)].set_index("kv_cache_dtype")["value"]
         twin = next(((t, m) for t, m in kept if t == task and _same(
             frame[(frame["task"] == t) & (frame["metric"] == m)].set_index("kv_cache_dtype")["value"]
-            .reindex(values.index), values)), None)
+            .reindex(values.index), values, rtol=1e-9)), None)
         if twin is not None:
-            dropped.append(f"{task} {metric} equals {twin[1]} for every KV dtype")
+            dropped.append(f"{task} {metric} (equal to {twin[1]} for every KV dtype)")
             continue
         kept.append((task, metric))
     return kept, dropped
