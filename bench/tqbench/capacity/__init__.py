@@ -111,7 +111,7 @@ def planner_prediction(stack: Any, kv_cache_dtype: str, max_model_len: int | Non
     """``plan_capacity`` for the launched stack, or a note saying why there is no prediction."""
     if stack is None:
         return {"predicted_kv_tokens": None, "predicted_max_concurrency": None,
-                "note": "no prediction: the endpoint was not started from a configs/ stack"}
+                "note": "no prediction: the server was not started from a configs/ stack (an endpoint or --launch-cmd)"}
     try:
         from tqconfig.planner import plan_capacity  # lazy: tqconfig is optional for endpoint-only runs
 

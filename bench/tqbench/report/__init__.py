@@ -177,8 +177,6 @@ def quality_section(frame: pd.DataFrame | None, why: str | None, run_info: dict,
                 cell = _fmt(r["value"], 4) + (f" ± {_fmt(r['stderr'], 4)}" if pd.notna(r.get("stderr")) else "")
                 n = r.get("n")
                 cell += f" (n={int(n)})" if pd.notna(n) else ""
-                if pd.isna(r.get("stderr")) and task != "perplexity":
-                    notes.append("no ± where n < 2 (a standard error needs two samples).")
                 if compare:
                     delta = "–" if b is None else f"{float(r['value']) - float(b['value']):+.4f}"
                     row += [cell, delta]
