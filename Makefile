@@ -24,6 +24,7 @@ venv: $(VENV)/.installed
 
 help:
 	@echo "make up STACK=<name>    serve a stack (docker compose); make down stops it"
+	@echo "make plan STACK=<name>  print a stack's predicted KV-cache capacity (tqconfig plan)"
 	@echo "make test               run every check CI runs"
 	@echo "make bench              benchmark a stack or endpoint (capacity, quality, latency)"
 	@echo "make demo               serve SmolLM2-135M on the CPU build of vLLM and benchmark it"
@@ -49,5 +50,10 @@ test-gpu-scripts: venv patches-trees $(VLLM_VENV)/.installed
 	$(VPY) -m pytest -q tests/gpu/stacks tests/gpu/bench tests/gpu/test_real_weights.py tests/gpu/test_speed.py tests/gpu/test_mm_prefix_probe.py
 	PYTHONPATH=$(VLLM_PATCHED) $(VLLM_VPY) -m pytest -q -p no:cacheprovider tests/gpu/test_mm_prefix_probe.py
 
-test: test-configs images-check patches-check test-bench test-gpu-scripts
+# Nothing outside tests/gpu may read a folder beside the repository (a fresh clone has none).
+.PHONY: check-self-contained
+check-self-contained:
+	@bash .ci/check-self-contained
+
+test: check-self-contained test-configs images-check patches-check test-bench test-gpu-scripts
 	@echo "make test: all suites passed"

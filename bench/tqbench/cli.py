@@ -87,6 +87,10 @@ def run(
                 raise BenchConfigError("--launch-cmd needs --model (the name the launched server serves)")
             target = command_template_target(launch_cmd, base_url, model, host, port, timeout, api_key)
             extra.update(model=model, base_url=base_url)
+            if not vllm_python:  # a command run by a python: that interpreter's vLLM is the one measured
+                argv0 = target.argv_for(bench.kv_cache_dtypes[0])[0]
+                if Path(argv0).name.startswith("python"):
+                    extra["vllm_python"] = argv0
         else:
             target = stack_target(stack, launcher=launcher, host=host, port=port, health_timeout_s=timeout,
                                   vllm_bin=vllm_bin, python=vllm_python, compose_file=compose_file,
@@ -97,11 +101,13 @@ def run(
     out = run_dir or Path("runs") / f"{bench.name}-{datetime.now():%Y%m%d-%H%M%S}"
     console.print(f"tqbench: {bench.name} · KV {', '.join(bench.kv_cache_dtypes)} · parts {', '.join(bench.parts)} "
                   f"· {target.description} → {out}", highlight=False)
+    from tqbench.records import short_message
+
     result = run_matrix(bench, target, out, extra_info=extra)
     console.print(f"report: {out / 'report.md'}  (done {len(result.done)}, skipped {len(result.skipped)} finished, "
                   f"failed {len(result.failed)})", highlight=False)
     for dtype, part, error in result.failed:
-        console.print(f"  [red]FAIL[/] {dtype} / {part}: {error.splitlines()[0][:200]}", highlight=False)
+        console.print(f"  [red]FAIL[/] {dtype} / {part}: {short_message(error)}", highlight=False)
     if result.interrupted:
         raise typer.Exit(130)
     if result.failed:

@@ -40,3 +40,16 @@ def mark_done(cell_dir: Path, summary: dict[str, Any] | None = None) -> None:
 
 def is_done(cell_dir: Path) -> bool:
     return (cell_dir / DONE_MARKER).exists()
+
+
+def short_message(text: str, limit: int = 400) -> str:
+    """The first line of an error, shortened at a sentence (or word) end, never mid-word or mid-sentence
+    when a sentence end exists; says where the full text is when shortened."""
+    line = (text or "").strip().splitlines()[0] if (text or "").strip() else ""
+    if len(line) <= limit:
+        return line
+    head = line[:limit]
+    cut = max(head.rfind(". "), head.rfind("; "), head.rfind("): "))
+    if cut > limit // 3:
+        return head[:cut + 1].rstrip() + " … (full message in raw/failures.jsonl)"
+    return head[:head.rfind(" ")].rstrip() + " … (full message in raw/failures.jsonl)"

@@ -91,14 +91,18 @@ def served_cache_config(base_url: str) -> dict[str, str]:
 
 def wait_for_health(base_url: str, timeout_s: float, process: subprocess.Popen | None = None,
                     log_path: Path | None = None, poll_s: float = 2.0) -> None:
+    from tqbench.progress import waiting
+
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise ServerError(f"the server exited with code {process.returncode} before becoming healthy; "
-                              f"log {log_path}:\n{log_tail(log_path)}")
-        if is_healthy(base_url, timeout_s=5):
-            return
-        time.sleep(poll_s)
+    what = f"waiting for {base_url}/health" + (f" (server log: {log_path})" if log_path else "")
+    with waiting(what, timeout_s):
+        while time.monotonic() < deadline:
+            if process is not None and process.poll() is not None:
+                raise ServerError(f"the server exited with code {process.returncode} before becoming healthy; "
+                                  f"log {log_path}:\n{log_tail(log_path)}")
+            if is_healthy(base_url, timeout_s=5):
+                return
+            time.sleep(poll_s)
     raise ServerError(f"{base_url}/health did not answer 200 within {timeout_s:.0f} s (raise "
                       f"server.health_timeout_s or --health-timeout); log {log_path}:\n{log_tail(log_path)}")
 
@@ -147,8 +151,8 @@ class LaunchTarget(Target):
     def description(self) -> str:
         if self.label:
             return self.label
-        try:
-            return f"local launch: {shlex.join(self.argv_for('<kv_cache_dtype>'))}"
+        try:  # the placeholder stays visible; the report fills in the dtype(s) of the run
+            return f"local launch: {shlex.join(self.argv_for('KVDTYPE'))}".replace("KVDTYPE", "{kv_cache_dtype}")
         except Exception:
             return "local launch"
 

@@ -43,6 +43,10 @@ class Scenario(_Strict):
         default=math.inf, gt=0, description="open-loop arrivals per second; inf = closed loop (--request-rate)"
     )
     burstiness: float = Field(default=1.0, gt=0, description="gamma shape of inter-arrival times; 1 = Poisson")
+    when_too_long: Literal["fail", "skip"] = Field(
+        default="fail", description="input_len + output_len above the server's max_model_len: 'fail' the latency "
+                                    "cell, or 'skip' the scenario with the reason in the report (long-context "
+                                    "scenarios that only some stacks can serve)")
 
     @property
     def closed_loop(self) -> bool:

@@ -20,14 +20,9 @@ from tqbench.servers import free_port, stop_process_group
 REPO = Path(__file__).resolve().parents[2]
 VLLMCPU_PYTHON = REPO / ".venv-vllmcpu" / "bin" / "python"
 TINY_MODEL = REPO / "build" / "tiny-qwen3"
-SHARED_DATA = REPO.parent / "shared" / "data"
-GSM8K_DIR = SHARED_DATA / "gsm8k"
+GSM8K_DIR = REPO / "bench" / "data" / "gsm8k"  # committed (MIT); the harness reads it by default
 SERVED_NAME = "tiny-qwen3"
 STARTUP_TIMEOUT_S = 300
-# CI has no internet beyond package registries: every quality run in these tests (in-process or a
-# `tqbench run` subprocess) reads GSM8K from the shared checkout instead of downloading it.
-if (GSM8K_DIR / "test.jsonl").exists():
-    os.environ.setdefault("TQBENCH_GSM8K_DIR", str(GSM8K_DIR))
 # Small KV cache on purpose (test_e2e.py relies on these numbers): 32 blocks x 128 tokens = 4,096
 # tokens, so the admission probe finds its limit (about 4 x 1,024-token requests) in a few cheap
 # steps; 2,048 tokens of context fit a 5-shot GSM8K prompt of this tokenizer (~1,000-1,600 tokens).
@@ -108,5 +103,5 @@ def vllm_cpu_server_log(vllm_cpu_server_process) -> Path:
 @pytest.fixture(scope="session")
 def gsm8k_dir() -> Path:
     if not (GSM8K_DIR / "test.jsonl").exists():
-        pytest.fail(f"GSM8K data not found at {GSM8K_DIR} (the CI checkout has shared/ beside the repo)")
+        pytest.fail(f"GSM8K data not found at {GSM8K_DIR} (it is committed in the repository)")
     return GSM8K_DIR

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from tqbench.capacity import CapacitySettingsError, parse_capacity_settings
+from tqbench.capacity import CapacitySettingsError, parse_capacity_settings, resolve_probe_lengths
 from tqbench.capacity.probe import output_tokens_for, search
 from tqbench.capacity.server_info import (cache_config_info, load_state, parse_prometheus, parse_server_log,
                                           server_capacity)
@@ -64,6 +64,21 @@ def test_bad_capacity_settings():
         parse_capacity_settings({"probe_context_len": 10})
     with pytest.raises(CapacitySettingsError, match="known keys"):
         parse_capacity_settings({"prob": True})
+    with pytest.raises(CapacitySettingsError, match=r"capacity\.probe_context_lens.*>= 64 tokens or 'max_model_len'"):
+        parse_capacity_settings({"probe_context_lens": [1024, 32]})
+    with pytest.raises(CapacitySettingsError, match="not both"):
+        parse_capacity_settings({"probe_context_lens": [1024], "probe_context_len": 2048})
+
+
+def test_probe_lengths_default_resolve_and_skip():
+    assert parse_capacity_settings({}).lengths() == [1024, 4096, "max_model_len"]
+    assert parse_capacity_settings({"probe_context_len": 512}).lengths() == [512]
+    lengths, skipped = resolve_probe_lengths([1024, 4096, "max_model_len"], 2048)
+    assert lengths == [1024, 2048]
+    assert skipped == [{"context_len": 4096, "reason": "longer than the server's max_model_len 2048"}]
+    assert resolve_probe_lengths([4096, "max_model_len"], 4096) == ([4096], [])  # no repeated length
+    lengths, skipped = resolve_probe_lengths(["max_model_len"], None)
+    assert lengths == [] and "does not report max_model_len" in skipped[0]["reason"]
 
 
 def test_planner_prediction_for_a_configs_stack():

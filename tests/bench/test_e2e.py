@@ -26,7 +26,7 @@ from tqbench.records import read_jsonl
 from tqconfig.bench import load_bench_config
 
 pytestmark = pytest.mark.slow
-PROBE_LEN = 1024
+PROBE_LENS = [256, 1024, "max_model_len", 4096]  # 4,096 > the server's 2,048: skipped with a reason
 MAX_MODEL_LEN, NUM_BLOCKS = 2048, 32  # the server fixture's --max-model-len / --num-gpu-blocks-override
 GSM8K_SUBSET = 4
 
@@ -44,7 +44,7 @@ def e2e_config(tmp_path_factory, vllm_cpu_server_log) -> Path:
     }
     # 48 decode tokens keep each probe step's requests running for seconds, so the /metrics gauges
     # see them together even when a busy 2-core machine delays the poller (16 was flaky under load).
-    config["capacity"] = {"probe_context_len": PROBE_LEN, "probe_max_concurrency": 8,
+    config["capacity"] = {"probe_context_lens": PROBE_LENS, "probe_max_concurrency": 8,
                           "probe_min_output_tokens": 48, "server_log": str(vllm_cpu_server_log)}
     path = tmp_path_factory.mktemp("e2e-config") / "e2e.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -52,7 +52,8 @@ def e2e_config(tmp_path_factory, vllm_cpu_server_log) -> Path:
 
 
 def _cli(*args: str, env_extra: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, **(env_extra or {})}
+    env = {k: v for k, v in os.environ.items() if k != "TQBENCH_GSM8K_DIR"}  # the committed copy, as a user gets
+    env.update(env_extra or {})
     return subprocess.run([sys.executable, "-m", "tqbench.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
 
@@ -61,8 +62,7 @@ def _cli(*args: str, env_extra: dict | None = None, timeout: int = 600) -> subpr
 def run_dir(tmp_path_factory, e2e_config, vllm_cpu_server, gsm8k_dir) -> Path:
     out = tmp_path_factory.mktemp("e2e-run") / "run"
     result = _cli("run", "--config", str(e2e_config), "--endpoint", vllm_cpu_server.base_url,
-                  "--model", vllm_cpu_server.model, "--kv", "auto", "--run-dir", str(out),
-                  env_extra={"TQBENCH_GSM8K_DIR": str(gsm8k_dir)})
+                  "--model", vllm_cpu_server.model, "--kv", "auto", "--run-dir", str(out))
     assert result.returncode == 0, f"tqbench run failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return out
 
@@ -105,25 +105,41 @@ def test_quality_csv_matches_raw(run_dir):
 
 
 def test_capacity_csv_matches_server_and_probe(run_dir):
-    capacity = pd.read_csv(run_dir / "capacity.csv").set_index("kv_cache_dtype").loc["auto"]
+    table = pd.read_csv(run_dir / "capacity.csv")
+    assert list(table["kv_cache_dtype"]) == ["auto"] * 3
+    assert list(table["probe_context_len"]) == [256, 1024, MAX_MODEL_LEN]  # "max_model_len" resolved
     server = next(read_jsonl(run_dir / "raw" / "capacity" / "auto" / "server.jsonl"))
     assert server["cache_config_info"]["num_gpu_blocks"] == str(NUM_BLOCKS)
-    assert capacity["num_gpu_blocks"] == NUM_BLOCKS and capacity["block_size"] == 128
-    assert capacity["kv_cache_tokens"] == NUM_BLOCKS * 128 == server["log"]["log_kv_cache_tokens"]
-    assert capacity["max_model_len"] == MAX_MODEL_LEN
-    assert capacity["max_concurrency"] == pytest.approx(NUM_BLOCKS * 128 / MAX_MODEL_LEN, abs=0.01)
-    assert "no prediction" in capacity["planner_note"]  # an endpoint, not a configs/ stack
+    for _, capacity in table.iterrows():  # server facts repeat on every probe-length row
+        assert capacity["num_gpu_blocks"] == NUM_BLOCKS and capacity["block_size"] == 128
+        assert capacity["kv_cache_tokens"] == NUM_BLOCKS * 128 == server["log"]["log_kv_cache_tokens"]
+        assert capacity["max_model_len"] == MAX_MODEL_LEN
+        assert capacity["max_concurrency"] == pytest.approx(NUM_BLOCKS * 128 / MAX_MODEL_LEN, abs=0.01)
+        assert "no prediction" in capacity["planner_note"]  # an endpoint, not a configs/ stack
 
     steps = list(read_jsonl(run_dir / "raw" / "capacity" / "auto" / "probe.jsonl"))
-    admitted = max(s["n"] for s in steps if s["admitted"])
-    assert capacity["admitted_max"] == admitted and capacity["probe_context_len"] == PROBE_LEN
-    # The probe cannot admit more L-token requests than the KV cache holds, and it found the edge.
-    assert 1 <= admitted <= NUM_BLOCKS * 128 // PROBE_LEN
-    refused = [s for s in steps if not s["admitted"] and s["n"] == admitted + 1]
-    assert refused and capacity["refused_min"] == admitted + 1
-    assert refused[0]["peak_running"] < refused[0]["n"] or refused[0]["preemptions"] > 0
-    best = next(s for s in steps if s["n"] == admitted)
-    assert best["peak_running"] == admitted and best["preemptions"] == 0 and not best["errors"]
+    for _, capacity in table.iterrows():
+        length = int(capacity["probe_context_len"])
+        at_len = [s for s in steps if s["context_len"] == length]
+        admitted = max(s["n"] for s in at_len if s["admitted"])
+        assert capacity["admitted_max"] == admitted and capacity["admitted_tokens"] == admitted * length
+        # The probe cannot admit more L-token requests than the KV cache holds (nor than its upper bound 8).
+        assert 1 <= admitted <= min(8, NUM_BLOCKS * 128 // length)
+        best = next(s for s in at_len if s["n"] == admitted)
+        assert best["peak_running"] == admitted and best["preemptions"] == 0 and not best["errors"]
+        if admitted < 8:  # below the upper bound the probe found the edge
+            refused = [s for s in at_len if not s["admitted"] and s["n"] == admitted + 1]
+            assert refused and capacity["refused_min"] == admitted + 1
+            assert refused[0]["peak_running"] < refused[0]["n"] or refused[0]["preemptions"] > 0
+    # Short requests fit more at once than max_model_len ones, on the same 4,096-token cache.
+    by_len = table.set_index("probe_context_len")["admitted_max"]
+    assert by_len[256] >= by_len[1024] >= by_len[MAX_MODEL_LEN]
+    skipped = list(read_jsonl(run_dir / "raw" / "capacity" / "auto" / "probe_skipped.jsonl"))
+    assert skipped == [{"kv_cache_dtype": "auto", "context_len": 4096,
+                        "reason": f"longer than the server's max_model_len {MAX_MODEL_LEN}"}]
+    report = (run_dir / "report.md").read_text()
+    assert "| KV dtype | L = 256 | L = 1,024 | L = 2,048 |" in report
+    assert "Probe lengths not run: `auto` L=4096: longer than the server's max_model_len 2048." in report
 
 
 def test_latency_csv_matches_raw(run_dir):
@@ -142,8 +158,7 @@ def test_manifest_and_rerun_skips_finished_cells(run_dir, e2e_config, vllm_cpu_s
     assert manifest, "empty manifest"
     before = (run_dir / "quality.csv").read_text()
     result = _cli("run", "--config", str(e2e_config), "--endpoint", vllm_cpu_server.base_url, "--model",
-                  vllm_cpu_server.model, "--kv", "auto", "--run-dir", str(run_dir),
-                  env_extra={"TQBENCH_GSM8K_DIR": str(gsm8k_dir)}, timeout=180)
+                  vllm_cpu_server.model, "--kv", "auto", "--run-dir", str(run_dir), timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "done 0, skipped 3" in result.stderr + result.stdout
     assert (run_dir / "quality.csv").read_text() == before

@@ -93,3 +93,28 @@ def test_all_failed_gives_zero_throughput_and_no_latency():
     m = scenario_metrics([rec(0, [], ok=False, end_ms=100, completion=0)])
     assert (m["completed"], m["failed"], m["request_throughput"]) == (1 - 1, 1, 0)
     assert math.isnan(m["ttft_ms_mean"])
+
+
+def test_decode_phase_excludes_gaps_overlapping_any_prefill():
+    """Two requests sent together: A's first token at 100 ms, B's at 200 ms, so prefill is in flight 0-200 ms."""
+    m = scenario_metrics([
+        rec(0, [(100, 1), (150, 1), (250, 1), (300, 1)]),  # gaps 100-150, 150-250 overlap B's prefill; 250-300 clean
+        rec(0, [(200, 1), (260, 1), (330, 2)]),  # both gaps after 200 ms: clean, 130 ms for 3 tokens
+    ])
+    assert m["decode_requests"] == 2
+    assert (m["decode_tpot_ms_mean"], m["decode_tpot_ms_p50"]) == pytest.approx(((50 + 130 / 3) / 2,) * 2)
+    assert m["decode_tok_s_per_user_p50"] == pytest.approx((1000 / 50 + 3000 / 130) / 2)
+    assert m["tpot_ms_mean"] != pytest.approx(m["decode_tpot_ms_mean"])  # plain TPOT mixes in prefill time
+    assert m["prefill_tok_s"] == pytest.approx(20 / 0.2)  # 10 + 10 prompt tokens, prefill busy 0-200 ms
+    assert m["ttft_per_1k_ms_p50"] == pytest.approx((100 / 0.01 + 200 / 0.01) / 2)
+
+
+def test_decode_phase_of_sequential_requests_is_their_whole_decode():
+    m = scenario_metrics([rec(0, [(100, 1), (140, 1), (180, 1)]), rec(200, [(300, 1), (320, 1)])])
+    assert m["decode_requests"] == 2 and m["decode_tpot_ms_p50"] == pytest.approx((40 + 20) / 2)
+    assert m["prefill_tok_s"] == pytest.approx(20 / 0.2)  # two 100 ms prefill windows
+
+
+def test_sustained_arrivals_leave_no_clean_decode_step():
+    m = scenario_metrics([rec(0, [(100, 1), (200, 1)]), rec(50, [(250, 1)]), rec(150, [(300, 1)])])
+    assert m["decode_requests"] == 0 and math.isnan(m["decode_tpot_ms_p50"])

@@ -173,3 +173,20 @@ def test_cli_errors_are_one_clear_line(tmp_path):
     assert bad_part.returncode == 2 and "'parts.1'" in bad_part.stderr
     not_a_run = cli("report", str(tmp_path))
     assert not_a_run.returncode == 2 and "not a tqbench run directory" in not_a_run.stderr
+
+
+def test_bad_long_context_and_probe_settings_name_the_field(tmp_path):
+    from tqconfig.bench import BenchConfigError, load_bench_config
+
+    from tqbench.runner import validate_part_settings
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nkv_cache_dtypes: [auto]\nparts: [latency]\nlatency:\n  scenarios:\n"
+                   "    - {name: lc, input_len: 32768, output_len: 256, num_prompts: 1, concurrency: 1, when_too_long: drop}\n")
+    with pytest.raises(BenchConfigError, match=r"field 'latency\.scenarios\.0\.when_too_long'.*'fail' or 'skip'"):
+        load_bench_config(bad)
+    config = load_bench_config("ci").model_dump()
+    config["capacity"] = {"probe_context_lens": [1024, "max_len"]}
+    bad.write_text(__import__("yaml").safe_dump(config))
+    with pytest.raises(ValueError, match=r"capacity\.probe_context_lens: .*>= 64 tokens or 'max_model_len', got \['max_len'\]"):
+        validate_part_settings(load_bench_config(bad))

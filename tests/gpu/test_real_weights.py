@@ -187,7 +187,7 @@ def test_token_ids_cover_both_models_beyond_gemma3s_window():
 
 
 def test_fixed_text_is_rebuilt_from_gsm8k_exactly():
-    gsm8k = Path("/work/shared/data/gsm8k/test.jsonl")
+    gsm8k = REPO / "bench" / "data" / "gsm8k" / "test.jsonl"
     if not gsm8k.is_file():
         pytest.skip(f"{gsm8k} not on this machine")
     sys.path.insert(0, str(INPUTS))

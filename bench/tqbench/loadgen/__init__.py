@@ -123,8 +123,14 @@ def run(ctx: CellContext) -> None:
         if is_done(scenario_dir):
             continue
         if max_model_len and scenario.input_len + scenario.output_len > max_model_len:
-            errors.append(f"{scenario.name}: ISL+OSL={scenario.input_len + scenario.output_len} exceeds the "
-                          f"server's max_model_len {max_model_len}")
+            why = (f"ISL+OSL={scenario.input_len + scenario.output_len:,} exceeds the server's max_model_len "
+                   f"{max_model_len:,}")
+            if scenario.when_too_long == "skip":
+                (scenario_dir / "scenario.json").write_text(json.dumps(
+                    {"kv_cache_dtype": ctx.kv_cache_dtype, "scenario": scenario.model_dump(), "skipped": why}, indent=1))
+                mark_done(scenario_dir, {"skipped": why})
+            else:
+                errors.append(f"{scenario.name}: {why}")
             continue
         prompts_file = ctx.run_dir / "prompts" / f"{scenario.name}.jsonl"
         cached_prompts(prompts_file, tokenizer, scenario.input_len, scenario.num_prompts + settings.num_warmups,

@@ -7,6 +7,13 @@ Per request (successful requests only; a failed request counts in ``failed`` and
 - ITL   = gaps between successive ``choices`` chunks, pooled over all requests (one sample per chunk)
 - token ITL = the same gaps split evenly over the tokens the later chunk carried (one sample per
   token after the first chunk), so servers that coalesce tokens into one chunk are not flattered
+Decode and prefill phases, separately (chunked prefill otherwise mixes prefill into TPOT):
+- decode TPOT = per request, the token gaps during which *no* request of the scenario was in
+  prefill (between its send and its first token) divided by the tokens they carried; with all
+  requests sent together this is every decode step after the last prefill ended. Decode tok/s per
+  user = 1000 / decode TPOT. Requests whose every gap overlapped some prefill have no sample.
+- prefill throughput = prompt tokens of completed requests / the time at least one prefill was in
+  flight (union of the send -> first token windows); TTFT per 1K = TTFT / (prompt tokens / 1000).
 Run level: duration = first send (or the open-loop schedule's time zero) to the last request end;
 request/output/total-token throughput = completed requests / output tokens / (prompt + output)
 tokens of completed requests, divided by the duration. Percentiles interpolate linearly
@@ -24,12 +31,13 @@ import pandas as pd
 from tqbench.records import is_done, read_jsonl
 
 PERCENTILES = (50, 90, 99)
-LATENCY_METRICS = ("ttft", "tpot", "itl", "e2el", "itl_token")
+LATENCY_METRICS = ("ttft", "tpot", "itl", "e2el", "itl_token", "decode_tpot")
 COLUMNS = [
     "kv_cache_dtype", "scenario", "input_len", "output_len", "num_prompts", "concurrency", "request_rate",
     "burstiness", "completed", "failed", "duration_s", "request_throughput", "output_throughput",
     "total_token_throughput",
     *[f"{m}_ms_{s}" for m in LATENCY_METRICS for s in ("mean", *[f"p{p}" for p in PERCENTILES])],
+    "decode_requests", "decode_tok_s_per_user_p50", "prefill_tok_s", "ttft_per_1k_ms_p50",
 ]
 
 
@@ -51,7 +59,8 @@ def request_frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
             "request_id": r.get("request_id"), "ok": ok, "start_ns": r["start_ns"], "end_ns": r["end_ns"],
             "t0_ns": r.get("t0_ns"), "prompt_tokens": r.get("prompt_tokens") or 0,
             "output_tokens": output_tokens(r) if ok else 0, "ttft_ms": np.nan, "e2el_ms": np.nan,
-            "tpot_ms": np.nan, "itl_ms": [], "itl_token_ms": [],
+            "tpot_ms": np.nan, "itl_ms": [], "itl_token_ms": [], "first_ns": np.nan, "gap_from_ns": [],
+            "gap_to_ns": [], "gap_tokens": [],
         }
         if ok:
             chunks = np.asarray(r["chunk_ns"], dtype=np.int64)
@@ -65,6 +74,9 @@ def request_frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
             counts = tokens[tokens > 0]
             gaps = np.diff(bearing) / 1e6
             row["itl_token_ms"] = np.repeat(gaps / counts[1:], counts[1:]).tolist() if len(gaps) else []
+            row["first_ns"] = int(chunks[0])
+            row["gap_from_ns"], row["gap_to_ns"], row["gap_tokens"] = (bearing[:-1].tolist(), bearing[1:].tolist(),
+                                                                       counts[1:].tolist())
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -74,6 +86,55 @@ def _stats(values: pd.Series) -> dict[str, float]:
     if values.empty:
         return {"mean": np.nan, **{f"p{p}": np.nan for p in PERCENTILES}}
     return {"mean": float(values.mean()), **{f"p{p}": float(np.percentile(values, p)) for p in PERCENTILES}}
+
+
+def _merged(windows: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Union of [start, end) windows as sorted, disjoint (starts, ends)."""
+    starts: list[int] = []
+    ends: list[int] = []
+    for start, end in sorted(windows):
+        if starts and start <= ends[-1]:
+            ends[-1] = max(ends[-1], end)
+        else:
+            starts.append(start)
+            ends.append(end)
+    return np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64)
+
+
+def phase_metrics(frame: pd.DataFrame) -> dict[str, Any]:
+    """Decode-phase TPOT (gaps with no prefill in flight) and prefill throughput; see the module docstring."""
+    done = frame[frame["ok"]]
+    out: dict[str, Any] = {"decode_requests": 0, "decode_tok_s_per_user_p50": np.nan, "prefill_tok_s": np.nan,
+                           "ttft_per_1k_ms_p50": np.nan}
+    if done.empty:
+        return out
+    starts, ends = _merged([(int(s), int(f)) for s, f in zip(done["start_ns"], done["first_ns"])])
+    decode_tpot = []
+    for _, r in done.iterrows():
+        a = np.asarray(r["gap_from_ns"], dtype=np.int64)
+        b = np.asarray(r["gap_to_ns"], dtype=np.int64)
+        n = np.asarray(r["gap_tokens"], dtype=np.int64)
+        if not len(a):
+            continue
+        j = np.searchsorted(starts, b, side="left") - 1  # last prefill window starting before the gap ends
+        overlaps = (j >= 0) & (ends[np.clip(j, 0, None)] > a)
+        clean = ~overlaps
+        if clean.any() and n[clean].sum() > 0:
+            decode_tpot.append((b[clean] - a[clean]).sum() / 1e6 / n[clean].sum())
+    decode = pd.Series(decode_tpot, dtype=float)
+    for stat, value in _stats(decode).items():
+        out[f"decode_tpot_ms_{stat}"] = value
+    out["decode_requests"] = int(len(decode))
+    if len(decode):
+        out["decode_tok_s_per_user_p50"] = float(np.percentile(1000.0 / decode, 50))
+    busy_s = (ends - starts).sum() / 1e9
+    prompt = done["prompt_tokens"].astype(float)
+    if busy_s > 0 and prompt.sum() > 0:
+        out["prefill_tok_s"] = float(prompt.sum() / busy_s)
+    per_1k = (done["ttft_ms"] / (prompt / 1000.0))[prompt > 0]
+    if len(per_1k):
+        out["ttft_per_1k_ms_p50"] = float(np.percentile(per_1k, 50))
+    return out
 
 
 def scenario_metrics(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
@@ -101,6 +162,7 @@ def scenario_metrics(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
     for metric, values in samples.items():
         for stat, value in _stats(values).items():
             out[f"{metric}_ms_{stat}"] = value
+    out.update(phase_metrics(frame))
     return out
 
 
@@ -131,3 +193,13 @@ def summarize(run_dir: Path) -> pd.DataFrame:
             "burstiness": scenario.get("burstiness", 1.0), **scenario_metrics(records),
         })
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def skipped(run_dir: Path) -> pd.DataFrame:
+    """Scenarios that were skipped (``when_too_long: skip``), with the reason."""
+    rows = []
+    for dtype, scenario_dir in scenario_dirs(run_dir):
+        spec = json.loads((scenario_dir / "scenario.json").read_text())
+        if spec.get("skipped"):
+            rows.append({"kv_cache_dtype": dtype, "scenario": spec["scenario"]["name"], "reason": spec["skipped"]})
+    return pd.DataFrame(rows, columns=["kv_cache_dtype", "scenario", "reason"])

@@ -31,6 +31,9 @@ LM_EVAL_PIN = "lm-eval==0.4.13"
 LM_EVAL_FEWSHOT_SEED = 1234  # lm_eval.defaults.DEFAULT_OTHER_SEED
 
 # The canonical GSM8K files (MIT) with pinned hashes; the HF dataset lm-eval reads is built from them.
+# Both splits are committed under bench/data/gsm8k (with the MIT licence), so no download is needed in
+# a checkout; the URL is the fallback for an installed package without the repository beside it.
+BUNDLED_DIR = Path(__file__).resolve().parents[2] / "data" / "gsm8k"
 GSM8K_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/{split}.jsonl"
 GSM8K_SHA256 = {
     "test": "3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14",
@@ -130,22 +133,31 @@ def _read_split(path: Path) -> list[dict[str, str]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def _verified(path: Path, split: str) -> bool:
+    return path.exists() and hashlib.sha256(path.read_bytes()).hexdigest() == GSM8K_SHA256[split]
+
+
 def load_split(split: str, data_dir: Path | None = None) -> list[dict[str, str]]:
-    """``data_dir/{split}.jsonl`` if given, else the pinned download cached under ~/.cache/tqstack/gsm8k."""
+    """``data_dir/{split}.jsonl`` if given, else the copy committed in bench/data/gsm8k (sha256 checked),
+    else the pinned download cached under ~/.cache/tqstack/gsm8k."""
     if data_dir is not None:
         path = Path(data_dir) / f"{split}.jsonl"
         if not path.exists():
             raise FileNotFoundError(f"gsm8k.data_dir: {path} does not exist (expected GSM8K {split}.jsonl there)")
         return _read_split(path)
+    bundled = BUNDLED_DIR / f"{split}.jsonl"
+    if _verified(bundled, split):
+        return _read_split(bundled)
     path = DEFAULT_CACHE / f"{split}.jsonl"
-    if not path.exists() or hashlib.sha256(path.read_bytes()).hexdigest() != GSM8K_SHA256[split]:
+    if not _verified(path, split):
         url = GSM8K_URL.format(split=split)
         try:
             with urllib.request.urlopen(url, timeout=60) as response:
                 data = response.read()
         except OSError as exc:
-            raise RuntimeError(f"could not download GSM8K {split} from {url} ({exc}); "
-                               "set quality.gsm8k.data_dir or TQBENCH_GSM8K_DIR to a local copy") from exc
+            raise RuntimeError(f"GSM8K {split}: {bundled} is missing or altered and the download from {url} "
+                               f"failed ({exc}). Set quality.gsm8k.data_dir or TQBENCH_GSM8K_DIR to a folder "
+                               f"with test.jsonl and train.jsonl.") from exc
         digest = hashlib.sha256(data).hexdigest()
         if digest != GSM8K_SHA256[split]:
             raise RuntimeError(f"GSM8K {split} from {url} has sha256 {digest}, expected {GSM8K_SHA256[split]}")

@@ -28,7 +28,8 @@ class Gsm8kSettings(_Strict):
     concurrency: int = Field(default=16, gt=0)
     data_dir: Path | None = Field(
         default_factory=lambda: Path(os.environ["TQBENCH_GSM8K_DIR"]) if os.environ.get("TQBENCH_GSM8K_DIR") else None,
-        description="folder with test.jsonl/train.jsonl; default: pinned download (env TQBENCH_GSM8K_DIR overrides)",
+        description="folder with test.jsonl/train.jsonl; default: the copy committed in bench/data/gsm8k "
+                    "(env TQBENCH_GSM8K_DIR overrides)",
     )
 
 

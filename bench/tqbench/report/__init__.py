@@ -16,6 +16,7 @@ import pandas as pd
 
 from tqbench.metrics import summarize_part
 from tqbench.report.glossary import GLOSSARY
+from tqbench.records import short_message
 from tqbench.report.manifest import now_iso
 
 PERF_COLUMNS = [  # (header, column, higher_is_better)
@@ -72,28 +73,77 @@ def _dtype_order(run_info: dict, *frames: pd.DataFrame | None) -> list[str]:
 
 
 def _failure_note(failures: list[dict], part: str) -> str:
-    lines = [f"- **FAIL** `{f['kv_cache_dtype']}`: {f['error'].splitlines()[0][:300]}" for f in failures if f["part"] == part]
+    lines = [f"- **FAIL** `{f['kv_cache_dtype']}`: {short_message(f['error'])}" for f in failures if f["part"] == part]
     return ("\n" + "\n".join(lines) + "\n") if lines else ""
 
 
-def capacity_section(frame: pd.DataFrame | None, why: str | None, run_info: dict, failures: list[dict]) -> str:
+def _dash_notes(notes: list[str]) -> str:
+    """Why cells show "–" (each reason once)."""
+    notes = list(dict.fromkeys(n for n in notes if n))
+    return ("\n" + "\n".join(f"- “–” {n}" for n in notes) + "\n") if notes else ""
+
+
+def capacity_section(frame: pd.DataFrame | None, why: str | None, run_info: dict, failures: list[dict],
+                     skipped: pd.DataFrame | None = None) -> str:
     out = ["## 1. KV-CACHE COMPRESSION", ""]
     if frame is None:
         out.append(f"_No capacity data: {why}._")
+        out.append(_failure_note(failures, "capacity"))
+        return "\n".join(out)
+    per_dtype = frame.drop_duplicates("kv_cache_dtype")
+    dtypes = list(per_dtype["kv_cache_dtype"])
+    base = _baseline(run_info, dtypes)
+    compare = len(dtypes) > 1
+    base_row = per_dtype[per_dtype["kv_cache_dtype"] == base].iloc[0] if base in dtypes else None
+    notes: list[str] = []
+    rows = []
+    for _, r in per_dtype.iterrows():
+        row = [f"`{r['kv_cache_dtype']}`", _fmt(r.get("kv_cache_tokens"))]
+        if compare:
+            row.append(_ratio(r.get("kv_cache_tokens"), base_row.get("kv_cache_tokens") if base_row is not None else None))
+        row += [_fmt(r.get("max_concurrency")), _fmt(r.get("max_model_len")), _fmt(r.get("predicted_kv_tokens")),
+                _ratio(r.get("kv_cache_tokens"), r.get("predicted_kv_tokens"))]
+        rows.append(row)
+        if pd.isna(r.get("predicted_kv_tokens")):
+            note = str(r.get("planner_note") or "no planner record")
+            notes.append(f"in Predicted tokens and measured/predicted (`{r['kv_cache_dtype']}`): {note}.")
+        if pd.isna(r.get("max_concurrency")):
+            notes.append("in Max concurrency: the server log with its “Maximum concurrency” line was not available.")
+    headers = ["KV dtype", "KV cache tokens"] + ([f"vs {base}"] if compare else []) + [
+        "Max concurrency", "max_model_len", "Predicted tokens", "measured/predicted"]
+    out.append(_table(headers, rows))
+    if not compare:
+        out.append(f"\nOne KV dtype measured (`{dtypes[0]}`): no ratio column.")
+
+    probed = frame[frame["probe_context_len"].notna()]
+    out += ["", "**Admission probe** — largest N concurrent requests of L tokens served at once with no "
+            "preemption (refused: the smallest N that was not):", ""]
+    if probed.empty:
+        out.append("_The admission probe did not run (capacity.probe: false, or it failed; see below)._")
     else:
-        base = _baseline(run_info, list(frame["kv_cache_dtype"]))
-        base_row = frame[frame["kv_cache_dtype"] == base].iloc[0] if base in set(frame["kv_cache_dtype"]) else None
+        lengths = sorted({int(v) for v in probed["probe_context_len"]})
         rows = []
-        for _, r in frame.iterrows():
-            rows.append([
-                f"`{r['kv_cache_dtype']}`", _fmt(r.get("kv_cache_tokens")),
-                _ratio(r.get("kv_cache_tokens"), base_row.get("kv_cache_tokens") if base_row is not None else None),
-                _fmt(r.get("max_concurrency")), _fmt(r.get("max_model_len")), _fmt(r.get("predicted_kv_tokens")),
-                _ratio(r.get("kv_cache_tokens"), r.get("predicted_kv_tokens")),
-                f"{_fmt(r.get('admitted_max'))} @ {_fmt(r.get('probe_context_len'))}", _fmt(r.get("preemptions")),
-            ])
-        out.append(_table(["KV dtype", "KV cache tokens", f"vs {base}", "Max concurrency", "max_model_len",
-                           "Predicted tokens", "measured/predicted", "Admitted N @ len", "Preemptions"], rows))
+        for dtype in dtypes:
+            row = [f"`{dtype}`"]
+            for length in lengths:
+                hit = probed[(probed["kv_cache_dtype"] == dtype) & (probed["probe_context_len"] == length)]
+                if hit.empty:
+                    row.append("–")
+                    notes.append(f"in the admission table (`{dtype}` @ {length:,}): that length was not probed for "
+                                 "this dtype (see the skipped lengths and failures).")
+                    continue
+                h = hit.iloc[0]
+                refused = "" if pd.isna(h["refused_min"]) else f" (refused {int(h['refused_min'])})"
+                row.append(f"{int(h['admitted_max'])}{refused} · {_fmt(h['admitted_tokens'])} tok")
+            rows.append(row)
+        out.append(_table(["KV dtype"] + [f"L = {n:,}" for n in lengths], rows))
+        out.append("\nEach cell: admitted N (refused N) · KV tokens the admitted requests held (N × L). A cell "
+                   "without “refused” hit the probe's upper bound (capacity.probe_max_concurrency) or ran out "
+                   "of steps; the server's max_num_seqs also caps N.")
+    if skipped is not None and len(skipped):
+        out.append("\nProbe lengths not run: " + "; ".join(
+            f"`{r['kv_cache_dtype']}` L={r['context_len']}: {r['reason']}" for _, r in skipped.iterrows()) + ".")
+    out.append(_dash_notes(notes))
     out.append(_failure_note(failures, "capacity"))
     return "\n".join(out)
 
@@ -107,53 +157,100 @@ def quality_section(frame: pd.DataFrame | None, why: str | None, run_info: dict,
     else:
         dtypes = list(dict.fromkeys(frame["kv_cache_dtype"].astype(str)))
         base = _baseline(run_info, dtypes)
+        compare = len(dtypes) > 1
         metrics = list(dict.fromkeys(zip(frame["task"], frame["metric"])))
         lookup = {(r["kv_cache_dtype"], r["task"], r["metric"]): r for _, r in frame.iterrows()}
         headers = ["KV dtype"]
         for task, metric in metrics:
-            headers += [f"{task} {metric}", "Δ vs base"]
+            headers += [f"{task} {metric}"] + (["Δ vs base"] if compare else [])
         rows = []
+        notes = []
         for dtype in dtypes:
             row = [f"`{dtype}`"]
             for task, metric in metrics:
                 r, b = lookup.get((dtype, task, metric)), lookup.get((base, task, metric))
                 if r is None:
-                    row += ["–", "–"]
+                    row += ["–", "–"] if compare else ["–"]
+                    notes.append(f"`{dtype}` {task}: this task has no finished records for the dtype "
+                                 "(see the failures below).")
                     continue
                 cell = _fmt(r["value"], 4) + (f" ± {_fmt(r['stderr'], 4)}" if pd.notna(r.get("stderr")) else "")
                 n = r.get("n")
                 cell += f" (n={int(n)})" if pd.notna(n) else ""
-                delta = "–" if b is None else f"{float(r['value']) - float(b['value']):+.4f}"
-                row += [cell, delta]
+                if compare:
+                    delta = "–" if b is None else f"{float(r['value']) - float(b['value']):+.4f}"
+                    row += [cell, delta]
+                    if b is None:
+                        notes.append(f"in Δ vs base ({task}): the baseline `{base}` has no value to compare with.")
+                else:
+                    row.append(cell)
             rows.append(row)
         out.append(_table(headers, rows))
-        out.append("\nValues ± standard error; 95 % intervals are in `quality.csv` (ci_low, ci_high).")
+        out.append("\nValues ± standard error; 95 % intervals are in `quality.csv` (ci_low, ci_high)."
+                   + ("" if compare else f" One KV dtype measured (`{dtypes[0]}`): no Δ columns."))
+        out.append(_dash_notes(notes))
     out.append(_failure_note(failures, "quality"))
     return "\n".join(out)
 
 
-def bench_serve_command(row: pd.Series, run_info: dict) -> str:
+def _prompts_are_text(prompts_file: Path | None) -> bool | None:
+    if prompts_file is None or not prompts_file.exists():
+        return None
+    return all(isinstance(json.loads(line)["prompt"], str)
+               for line in prompts_file.read_text().splitlines() if line.strip())
+
+
+def bench_serve_command(row: pd.Series, run_info: dict, prompts_file: Path | None = None) -> str:
+    """The ``vllm bench serve`` command that sends the same requests as this scenario.
+
+    The scenario's prompts (essay text cut to exact token counts, measured ones first) are in the run
+    directory's ``prompts/<scenario>.jsonl``: the ``custom`` dataset replays them in order with no chat
+    template. Only when some prompt had to be sent as token ids does it fall back to random prompts
+    of the same lengths."""
+    config = run_info.get("config") or {}
     argv = ["vllm", "bench", "serve", "--backend", "vllm", "--base-url", run_info.get("base_url") or "http://127.0.0.1:8000",
-            "--endpoint", "/v1/completions", "--model", run_info.get("model") or "MODEL", "--dataset-name", "random",
-            "--random-input-len", str(row["input_len"]), "--random-output-len", str(row["output_len"]),
-            "--num-prompts", str(row["num_prompts"]), "--max-concurrency", str(row["concurrency"]),
-            "--request-rate", "inf" if math.isinf(row["request_rate"]) else str(row["request_rate"]),
-            "--burstiness", str(row.get("burstiness", 1.0)), "--ignore-eos",
-            "--seed", str((run_info.get("config") or {}).get("seed", 0)),
-            "--num-warmups", str(((run_info.get("config") or {}).get("latency") or {}).get("num_warmups", 0)),
-            "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99"]
+            "--endpoint", "/v1/completions", "--model", run_info.get("model") or "MODEL"]
+    if _prompts_are_text(prompts_file) is False:
+        argv += ["--dataset-name", "random", "--random-input-len", str(row["input_len"]),
+                 "--random-output-len", str(row["output_len"])]
+    else:
+        argv += ["--dataset-name", "custom", "--dataset-path", f"prompts/{row['scenario']}.jsonl", "--disable-shuffle",
+                 "--skip-chat-template", "--custom-output-len", str(row["output_len"])]
+    argv += ["--num-prompts", str(row["num_prompts"]), "--max-concurrency", str(row["concurrency"]),
+             "--request-rate", "inf" if math.isinf(row["request_rate"]) else str(row["request_rate"]),
+             "--burstiness", str(row.get("burstiness", 1.0)), "--ignore-eos",
+             "--seed", str(config.get("seed", 0)),
+             "--num-warmups", str((config.get("latency") or {}).get("num_warmups", 0)),
+             "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99"]
     return shlex.join(argv)
 
 
-def latency_section(frame: pd.DataFrame | None, why: str | None, run_info: dict, failures: list[dict]) -> str:
+PHASE_COLUMNS = [  # (header, column)
+    ("decode TPOT p50 ms", "decode_tpot_ms_p50"), ("decode TPOT p90 ms", "decode_tpot_ms_p90"),
+    ("decode tok/s per user p50", "decode_tok_s_per_user_p50"), ("n decode", "decode_requests"),
+    ("prefill tok/s", "prefill_tok_s"), ("TTFT per 1K prompt tok p50 ms", "ttft_per_1k_ms_p50"),
+]
+
+
+def latency_section(frame: pd.DataFrame | None, why: str | None, run_info: dict, failures: list[dict],
+                    skipped: pd.DataFrame | None = None, run_dir: Path | None = None) -> str:
     out = ["## 3. PERFORMANCE", ""]
+    skip_note = ""
+    if skipped is not None and len(skipped):
+        skip_note = "\nScenarios not run: " + "; ".join(
+            f"`{r['kv_cache_dtype']}` {r['scenario']}: {r['reason']}" for _, r in skipped.iterrows()) + "."
     if frame is None:
         out.append(f"_No latency data: {why}._")
+        out.append(skip_note)
         out.append(_failure_note(failures, "latency"))
         return "\n".join(out)
-    base = _baseline(run_info, list(dict.fromkeys(frame["kv_cache_dtype"])))
-    out.append(f"Latencies in ms (mean unless marked). Ratio columns divide by `{base}`. "
-               "ITL/tok = token-accurate ITL (see glossary).\n")
+    dtypes = list(dict.fromkeys(frame["kv_cache_dtype"]))
+    base = _baseline(run_info, dtypes)
+    compare = len(dtypes) > 1
+    out.append("Latencies in ms (mean unless marked). ITL/tok = token-accurate ITL (see glossary). "
+               + (f"Ratio columns divide by `{base}`." if compare else
+                  f"One KV dtype measured (`{dtypes[0]}`): no ratio columns.") + "\n")
+    notes: list[str] = []
     for scenario in dict.fromkeys(frame["scenario"]):
         part = frame[frame["scenario"] == scenario]
         first = part.iloc[0]
@@ -166,16 +263,64 @@ def latency_section(frame: pd.DataFrame | None, why: str | None, run_info: dict,
         for _, r in part.iterrows():
             row = [f"`{r['kv_cache_dtype']}`"] + [_fmt(r[c]) for _, c, _ in PERF_COLUMNS]
             row += [_fmt(r["itl_token_ms_mean"]), f"{r['completed']}/{r['completed'] + r['failed']}"]
-            row += [_ratio(r["output_throughput"], None if base_row is None else base_row["output_throughput"]),
-                    _ratio(r["tpot_ms_mean"], None if base_row is None else base_row["tpot_ms_mean"]),
-                    _ratio(r["ttft_ms_mean"], None if base_row is None else base_row["ttft_ms_mean"])]
+            if compare:
+                row += [_ratio(r["output_throughput"], None if base_row is None else base_row["output_throughput"]),
+                        _ratio(r["tpot_ms_mean"], None if base_row is None else base_row["tpot_ms_mean"]),
+                        _ratio(r["ttft_ms_mean"], None if base_row is None else base_row["ttft_ms_mean"])]
+                if base_row is None:
+                    notes.append(f"in the ratio columns of {scenario}: the baseline `{base}` has no result for it.")
             rows.append(row)
-        headers = ["KV dtype"] + [h for h, _, _ in PERF_COLUMNS] + ["ITL/tok", "ok/total", "OutTok/s vs base",
-                                                                   "TPOT vs base", "TTFT vs base"]
+            if pd.isna(r["tpot_ms_mean"]):
+                notes.append(f"in TPOT/ITL of {scenario}: requests of one output token have no time per output token.")
+        headers = ["KV dtype"] + [h for h, _, _ in PERF_COLUMNS] + ["ITL/tok", "ok/total"]
+        if compare:
+            headers += ["OutTok/s vs base", "TPOT vs base", "TTFT vs base"]
         out.append(_table(headers, rows))
-        out.append(f"\nReproduce with: `{bench_serve_command(first, run_info)}`\n")
+        prompts_file = run_dir / "prompts" / f"{scenario}.jsonl" if run_dir is not None else None
+        out.append(f"\nReproduce with (from the run directory): `{bench_serve_command(first, run_info, prompts_file)}`\n")
+    if all(c in frame for _, c in PHASE_COLUMNS):
+        out += ["**Decode vs prefill** — decode TPOT counts only token gaps with no prefill in flight (with all "
+                "requests sent together: the steps after the last prefill ended); prefill tok/s = prompt tokens / "
+                "time with a prefill in flight (see glossary).", ""]
+        rows = []
+        for _, r in frame.iterrows():
+            rows.append([r["scenario"], f"`{r['kv_cache_dtype']}`", *[_fmt(r[c]) for _, c in PHASE_COLUMNS]])
+            if pd.isna(r["decode_tpot_ms_p50"]):
+                notes.append(f"in decode TPOT of {r['scenario']}: every decode step overlapped some request's "
+                             "prefill (sustained arrivals), so no clean decode step was measured.")
+        out.append(_table(["Scenario", "KV dtype", *[h for h, _ in PHASE_COLUMNS]], rows))
+    out.append(skip_note)
+    out.append(_dash_notes(notes))
     out.append(_failure_note(failures, "latency"))
     return "\n".join(out)
+
+
+def target_line(target: str, dtypes: list[str]) -> str:
+    """The target with its ``{kv_cache_dtype}`` placeholder filled in (or said what it stands for)."""
+    for placeholder in ("'<kv_cache_dtype>'", "<kv_cache_dtype>", "{kv_cache_dtype}"):
+        if placeholder in target:
+            if len(dtypes) == 1:
+                return target.replace(placeholder, dtypes[0])
+            return target.replace(placeholder, "{kv_cache_dtype}") + (
+                f" — one server per KV dtype, {{kv_cache_dtype}} = {', '.join(dtypes)}" if dtypes else "")
+    return target
+
+
+def measured_build(provenance: dict, servers: dict[str, dict]) -> str:
+    """Which vLLM answered: the server's /version, and the package behind it when the run could inspect it."""
+    versions = sorted({s.get("vllm_version") for s in servers.values() if s.get("vllm_version")})
+    answered = f"server /version {', '.join(versions)}" if versions else "server /version not answered"
+    build = provenance.get("vllm_build") or {}
+    series = provenance.get("patch_series") or {}
+    if build.get("distribution"):
+        what = f"`{build['distribution']}` {build.get('version')}"
+        if build.get("patched"):
+            return f"{what} with the tqstack patch series {str(series.get('series_sha256'))[:12]} ({answered})"
+        return f"{what}, unpatched: no tqstack patch marker in the package ({answered})"
+    if provenance.get("image_digest"):
+        return f"the tqstack image {provenance['image_digest']} ({answered})"
+    return (f"{answered}; the server's package was not inspected (an endpoint), so whether it carries the tqstack "
+            f"patches is unknown (this checkout's series: {str(series.get('series_sha256'))[:12]})")
 
 
 def _manifest(run_dir: Path, run_info: dict, frames: dict[str, pd.DataFrame | None]) -> dict[str, Any]:
@@ -246,26 +391,32 @@ def build_report(run_dir: Path) -> Path:
 
     config = run_info.get("config") or {}
     provenance = run_info.get("provenance") or {}
+    servers = {p.stem: json.loads(p.read_text()) for p in sorted((run_dir / "raw" / "server").glob("*.json"))}
+    dtype_line = (f"- KV dtypes: {', '.join(order)}; baseline: `{_baseline(run_info, order)}`" if len(order) > 1 else
+                  f"- KV dtype: `{order[0]}` only — one dtype measured, so the report has no ratio or Δ columns"
+                  if order else "- KV dtypes: none measured")
     head = [
         f"# tqbench report: {config.get('name', '?')} — {run_info.get('model', '?')}",
         "",
-        f"- target: {run_info.get('target', '?')}",
+        f"- target: {target_line(run_info.get('target', '?'), order)}",
+        f"- vLLM measured: {measured_build(provenance, servers)}",
         f"- started: {run_info.get('started', '?')}; report generated: {now_iso()}",
-        f"- tqstack commit: {(provenance.get('tqstack') or {}).get('commit')}; patch series: "
-        f"{(provenance.get('patch_series') or {}).get('series_sha256')}",
+        f"- tqstack commit: {(provenance.get('tqstack') or {}).get('commit')}",
         f"- GPUs: {', '.join(g.get('name') or '?' for g in provenance.get('gpus') or []) or 'none detected on the client'}",
-        f"- KV dtypes: {', '.join(order)}; baseline: `{_baseline(run_info, order)}`",
+        dtype_line,
         "",
     ]
     if failures:
         head += ["**Unfinished cells** (see raw/failures.jsonl; rerun the same command to resume):", ""]
-        head += [f"- `{f['kv_cache_dtype']}` / {f['part']}: {f['kind']} — {f['error'].splitlines()[0][:300]}"
+        head += [f"- `{f['kv_cache_dtype']}` / {f['part']}: {f['kind']} — {short_message(f['error'])}"
                  for f in failures]
         head.append("")
+    capacity_skipped, _ = summarize_part("capacity", run_dir, "skipped")
+    latency_skipped, _ = summarize_part("latency", run_dir, "skipped")
     body = [
-        capacity_section(capacity, capacity_why, run_info, failures),
+        capacity_section(capacity, capacity_why, run_info, failures, capacity_skipped),
         quality_section(quality, quality_why, run_info, failures),
-        latency_section(latency, latency_why, run_info, failures),
+        latency_section(latency, latency_why, run_info, failures, latency_skipped, run_dir),
         "## Plots\n\n" + ("\n\n".join(plot_notes) if plot_notes else "_No data to plot._"),
         "## Glossary\n\n" + GLOSSARY,
     ]

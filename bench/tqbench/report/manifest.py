@@ -49,6 +49,8 @@ def patch_series_hash(vllm_python: str | None = None, series_dir: Path = PATCH_D
         if location and (Path(location) / "_tqstack_patches.json").exists():
             return {"source": f"{location}/_tqstack_patches.json",
                     **json.loads((Path(location) / "_tqstack_patches.json").read_text())}
+        if location:  # the measured vLLM is reachable and carries no patch marker: it is not patched
+            return {"source": location, "series_sha256": None, "patched": False}
     series_file = series_dir / "series"
     if not series_file.exists():
         return {"source": None, "series_sha256": None}
@@ -61,6 +63,26 @@ def patch_series_hash(vllm_python: str | None = None, series_dir: Path = PATCH_D
         digest.update(name.encode() + b"\0" + (path.read_bytes() if path.exists() else b""))
     return {"source": str(series_dir), "series": series_dir.name, "patches": names,
             "series_sha256": digest.hexdigest()}
+
+
+_BUILD_PROBE = (
+    "import importlib.metadata as m, importlib.util as u, json, pathlib\n"
+    "loc = u.find_spec('vllm').submodule_search_locations[0]\n"
+    "dist = (m.packages_distributions().get('vllm') or [None])[0]\n"
+    "print(json.dumps({'distribution': dist, 'version': m.version(dist) if dist else None, 'location': loc,\n"
+    "                  'patched': (pathlib.Path(loc) / '_tqstack_patches.json').exists()}))"
+)
+
+
+def vllm_build(vllm_python: str | None) -> dict[str, Any] | None:
+    """Distribution, version and patch marker of the vLLM that ``vllm_python`` imports (None if unknown)."""
+    if not vllm_python:
+        return None
+    out = _run([vllm_python, "-c", _BUILD_PROBE])
+    try:
+        return json.loads(out.splitlines()[-1]) if out else None
+    except (json.JSONDecodeError, IndexError):
+        return None
 
 
 def gpu_info() -> list[dict[str, str]]:
@@ -92,6 +114,7 @@ def collect_provenance(vllm_python: str | None = None) -> dict[str, Any]:
     return {
         "tqstack": git_info(),
         "patch_series": patch_series_hash(vllm_python),
+        "vllm_build": vllm_build(vllm_python),
         "image_digest": os.environ.get("TQ_IMAGE_DIGEST"),
         "gpus": gpu_info(),
         "client": {"host": platform.node(), "python": platform.python_version(), "platform": platform.platform(),

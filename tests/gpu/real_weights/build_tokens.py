@@ -1,7 +1,7 @@
 """Builds the fixed text and its token ids for the real-weight checks (runs HERE, on CPU, once).
 
     PYTHONPATH=<site with gguf> .venv-vllm/bin/python tests/gpu/real_weights/build_tokens.py \
-        --gsm8k /work/shared/data/gsm8k/test.jsonl \
+        --gsm8k bench/data/gsm8k/test.jsonl \
         --smollm2-gguf SmolLM2-135M-Instruct.Q4_1.gguf --gemma3-gguf gemma-3-270m-q4_k_m.gguf
 
 Writes `fixed_text.txt` (GSM8K test problems, MIT, OpenAI 2021) and `token_ids.json` next to this
