@@ -90,6 +90,9 @@ def test_gemma3_270m_style_config_protects_first_and_last_full_layers():
 
     arch = load_architecture(REPO / "tests/patches/fixtures/gemma-3-270m/config.json")
     assert [boundary_protected_layers(arch, n) for n in (0, 1, 2)] == [[], [5, 17], [5, 17]]
+    # one full layer (tiny Gemma 4): never protected, it stays TurboQuant at any setting
+    tiny = load_architecture(REPO / "tests/fixtures/tiny-configs/tiny_gemma4/config.json")
+    assert [boundary_protected_layers(tiny, n) for n in (0, 1, 2)] == [[], [], []]
 
 
 def test_qwen_hybrid_boundary_protects_first_and_last_two_full_attention_layers():
