@@ -1,5 +1,6 @@
 """Server facts (raw/server/<dtype>.json, copied into manifest.json's "servers") name the TurboQuant
-boundary protection the engine ran with: patch 0011's cache_config field, read from /metrics."""
+boundary protection the engine ran with: patch 0011's cache_config field, read from /metrics. The
+capacity part's planner prediction uses the stack's own boundary setting."""
 from __future__ import annotations
 
 import json
@@ -49,3 +50,14 @@ def test_server_facts_record_boundary_layers(metrics_server, tmp_path, metrics, 
     assert facts["turboquant_boundary_layers"] == boundary
     assert facts["kv_cache_dtype_skip_layers"] == skips
     assert facts["vllm_version"] == "0.26.0"
+
+
+def test_planner_prediction_uses_the_stack_boundary_setting():
+    from tqconfig import load_stack
+
+    from tqbench.capacity import planner_prediction
+
+    stack = load_stack("rtx5060ti-x4-gemma4-31b")
+    prediction = planner_prediction(stack, "turboquant_4bit_nc", 32768)
+    assert prediction["plan"]["turboquant_boundary_layers"] == stack.serving.turboquant_boundary_layers == 1
+    assert prediction["predicted_kv_tokens"] == stack.plan(max_model_len=32768).kv_cache_tokens
