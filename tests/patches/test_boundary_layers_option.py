@@ -22,6 +22,7 @@ CONFIGS = {
     "e4b": (os.path.join(REPO, "configs", "hf", "gemma-4-e4b-it"), "Gemma4ForCausalLM"),
     "qwen": (os.path.join(REPO, "configs", "hf", "qwen3.6-27b"), "Qwen3NextForCausalLM"),
     "g3": (os.path.join(HERE, "fixtures", "gemma-3-270m"), "Gemma3ForCausalLM"),
+    "tiny": (os.path.join(REPO, "tests", "fixtures", "tiny-configs", "tiny_gemma4"), "Gemma4ForCausalLM"),
 }
 FULL_31B = list(range(5, 60, 6))
 OPTION = "--turboquant-boundary-layers"
@@ -45,6 +46,7 @@ CASES = [
     _case("g3/unset", "g3"),
     *(_case(f"qwen/{n}", "qwen", n, argv=("--mamba-ssm-cache-dtype", "float32")) for n in ("0", "1", "2", "4", "5")),
     *(_case(f"e4b/{n}", "e4b", n) for n in ("0", "1", "2")),
+    _case("tiny/unset", "tiny"),
     _case("31b/bad-negative", "31b", "-1"),
     _case("31b/bad-word", "31b", "two"),
     _case("31b/env-1", "31b", env={"TQ_BOUNDARY_LAYERS": "1"}),
@@ -122,6 +124,14 @@ def test_other_presets_and_user_skips(patched_tree):
     # without a TurboQuant dtype the option changes nothing
     auto = _ok(cases["31b/auto-1"])
     assert auto["skip_layers"] == [] and auto["cache_config"] == 1
+
+
+def test_single_full_layer_is_never_protected(patched_tree):
+    # tiny Gemma 4 (layers 0-4 sliding, 5 full): half of one eligible layer rounds to none, so the
+    # default keeps its only full layer on TurboQuant (before 0011 it needed TQ_BOUNDARY_LAYERS=0)
+    result = _ok(results(patched_tree)["cases"]["tiny/unset"])
+    assert result["cache_config"] == 2 and result["skip_layers"] == ["sliding_window"]
+    assert any("no layer protected" in line and "capped from 2" in line for line in result["log"])
 
 
 @pytest.mark.parametrize("n,protected", [("0", []), ("1", [5, 17]), ("2", [5, 17])])
