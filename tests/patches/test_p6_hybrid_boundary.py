@@ -37,6 +37,11 @@ def test_boundary_option(patched_tree):
     bad = results["qwen/boundary-bad"]
     assert not bad["ok"] and bad["stage"] == "create_engine_config"
     assert "--turboquant-boundary-layers" in bad["error"] and "non-negative integer, got -1" in bad["error"]
+
+
+def test_boundary_env_var(patched_tree):
+    # 0007's variable survives only as a deprecated fallback of 0011's option
+    results = probe.patched_results(run_in_vllm, patched_tree)
     env_bad = results["qwen/boundary-env-bad"]
     assert not env_bad["ok"] and env_bad["error_type"] == "ValueError"
     assert "TQ_BOUNDARY_LAYERS='two'" in env_bad["error"] and "non-negative integer" in env_bad["error"]
