@@ -106,9 +106,15 @@ def _save_server_facts(run_dir: Path, kv_cache_dtype: str, base_url: str, log_pa
                        image_digests: list[str] | None = None) -> None:
     path = run_dir / "raw" / "server" / f"{kv_cache_dtype}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
+    cache_config = served_cache_config(base_url)
+    # TurboQuant boundary protection the engine ran with (--turboquant-boundary-layers, patch 0011):
+    # None when the server does not report it (an unpatched vLLM).
+    boundary = cache_config.get("turboquant_boundary_layers")
     path.write_text(json.dumps({
         "kv_cache_dtype": kv_cache_dtype, "vllm_version": server_version(base_url),
-        "cache_config_info": served_cache_config(base_url), "server_log": str(log_path) if log_path else None,
+        "turboquant_boundary_layers": int(boundary) if boundary and boundary.isdigit() else None,
+        "kv_cache_dtype_skip_layers": cache_config.get("kv_cache_dtype_skip_layers"),
+        "cache_config_info": cache_config, "server_log": str(log_path) if log_path else None,
         "image_digests": image_digests or [],
         "time": now_iso(),
     }, indent=1))

@@ -65,13 +65,17 @@ def plan(
     stack: str,
     kv_cache_dtype: Optional[str] = typer.Option(None, "--kv-cache-dtype", help="plan another KV dtype"),
     max_model_len: Optional[int] = typer.Option(None, "--max-model-len", help="plan another context length"),
+    boundary_layers: Optional[int] = typer.Option(
+        None, "--turboquant-boundary-layers",
+        help="plan another boundary protection: the first/last N cache-owning full-attention layers stay bf16"),
     layers: bool = typer.Option(False, "--layers", help="also list every layer's cache dtype and why"),
     as_json: bool = typer.Option(False, "--json", help="print the CapacityPlan as JSON"),
 ) -> None:
     """Print the predicted KV-cache capacity of a stack."""
     s = _stack(stack)
     try:
-        p = s.plan(kv_cache_dtype=kv_cache_dtype, max_model_len=max_model_len)
+        overrides = {} if boundary_layers is None else {"turboquant_boundary_layers": boundary_layers}
+        p = s.plan(kv_cache_dtype=kv_cache_dtype, max_model_len=max_model_len, **overrides)
     except TqConfigError as exc:
         err.print(f"[red]error:[/] {exc}", soft_wrap=True, highlight=False)
         raise typer.Exit(2) from None
@@ -89,6 +93,7 @@ def plan(
         ("activations (per GPU, est.)", gib(p.activation_bytes)),
         ("runtime overhead (per GPU, est.)", gib(p.runtime_overhead_bytes)),
         ("KV cache memory (per GPU)", gib(p.kv_cache_memory_bytes)),
+        ("boundary layers per side (--turboquant-boundary-layers)", str(p.turboquant_boundary_layers)),
         ("TurboQuant layers", ", ".join(map(str, p.turboquant_layers)) or "-"),
         ("bf16 full-attention layers", ", ".join(map(str, p.bf16_full_attention_layers)) or "-"),
         ("sliding-window layers (bf16)", str(len(p.sliding_layers))),
@@ -167,7 +172,9 @@ def preflight(
     try:
         dtype = env.get("TQ_KV_CACHE_DTYPE") or s.serving.kv_cache_dtype
         length = int(env.get("TQ_MAX_MODEL_LEN") or s.serving.max_model_len)
-        p = s.plan(kv_cache_dtype=dtype, max_model_len=length)
+        boundary = env.get("TQ_KV_BOUNDARY_LAYERS")
+        overrides = {} if not boundary else {"turboquant_boundary_layers": int(boundary)}
+        p = s.plan(kv_cache_dtype=dtype, max_model_len=length, **overrides)
     except ValueError as exc:
         err.print(f"[red]error:[/] {env_file}: {exc}", soft_wrap=True, highlight=False)
         raise typer.Exit(2) from None

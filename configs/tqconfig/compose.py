@@ -20,6 +20,7 @@ _KNOBS = {
     "--revision": "TQ_REVISION",
     "--kv-cache-dtype": "TQ_KV_CACHE_DTYPE",
     "--max-model-len": "TQ_MAX_MODEL_LEN",
+    "--turboquant-boundary-layers": "TQ_KV_BOUNDARY_LAYERS",
 }
 
 

@@ -202,6 +202,8 @@ class Stack:
         if m.tokenizer != m.hf_id:
             options["tokenizer"] = m.tokenizer
         options["kv_cache_dtype"] = kv_cache_dtype
+        if s.turboquant_boundary_layers is not None:
+            options["turboquant_boundary_layers"] = s.turboquant_boundary_layers
         options["max_model_len"] = max_model_len
         options["tensor_parallel_size"] = s.tensor_parallel_size
         options["gpu_memory_utilization"] = self.gpu_memory_utilization
@@ -257,6 +259,7 @@ class Stack:
             max_num_batched_tokens=s.max_num_batched_tokens,
             enable_prefix_caching=bool(s.enable_prefix_caching) and self.architecture.is_hybrid,
             language_model_only=s.language_model_only,
+            turboquant_boundary_layers=s.turboquant_boundary_layers,
         )
         settings.update(overrides)
         return plan_capacity(self.model, self.hardware, architecture=self.architecture, **settings)

@@ -2,9 +2,10 @@
 many tokens / concurrent max-length requests that KV cache holds — without importing vLLM.
 
 It mirrors the patched vLLM 0.26.0 (tqstack patch series) decisions:
-- which layers get TurboQuant: sliding-window layers never (P4), boundary layers stay bf16 (vLLM's
-  first/last 2 layer indices for dense models; first/last 2 *full-attention* layers for hybrids, P6),
-  and a YOCO cluster (a cache owner plus the layers reading it) is skipped together if any member is (P8);
+- which layers get TurboQuant: sliding-window layers never (P4), boundary layers stay bf16 (patch 0011,
+  `--turboquant-boundary-layers N`: the first/last N TurboQuant-eligible layers, i.e. cache-owning
+  full-attention layers, at most half of them rounded up), and a YOCO cluster (a cache owner plus the
+  layers reading it) is skipped together if any member is (P8);
 - per-token slot bytes of TurboQuant (`TurboQuantConfig.slot_size_aligned`);
 - page sizes: TurboQuant blocks grow until their page covers every other page, the others are padded up
   to it (P7); without TurboQuant, vLLM's own block scaling / hybrid block alignment;
@@ -27,7 +28,8 @@ from .schema import KV_CACHE_DTYPES, TURBOQUANT_DTYPES, Hardware, ModelProfile
 
 GIB = 1024**3
 KERNEL_BLOCK = 16  # smallest attention block vLLM uses on these backends (FA / Triton: multiple of 16)
-BOUNDARY_LAYERS = 2  # TurboQuantConfig.get_boundary_skip_layers default n
+# --turboquant-boundary-layers when a stack does not set it (patch 0011: CacheConfig default, unset = 2)
+BOUNDARY_LAYERS = 2
 
 # (key bits, value bits) of vLLM 0.26 TQ_PRESETS; 8 key bits = FP8 keys.
 _TQ_BITS = {
@@ -73,6 +75,24 @@ def sliding_bytes_per_token(arch: Architecture, kv_cache_dtype: str = "auto") ->
                for layer in arch.attention_layers if layer.kind == "sliding_attention" and layer.owns_kv)
 
 
+def turboquant_eligible_layers(arch: Architecture) -> list[int]:
+    """Layers TurboQuant compresses unless skipped: cache-owning full-attention layers (patch 0011's
+    `get_turboquant_eligible_layer_indices`: not sliding-window, not Gated DeltaNet, not YOCO readers)."""
+    return [layer.index for layer in arch.attention_layers if layer.kind == "full_attention" and layer.owns_kv]
+
+
+def boundary_protected_layers(arch: Architecture, boundary_layers: int) -> list[int]:
+    """The first and last `boundary_layers` eligible layers (patch 0011), at most half of the eligible
+    layers rounded up: `boundary_layers` per side is capped at (eligible + 1) // 4."""
+    if boundary_layers < 0:
+        raise PlanInputError("turboquant_boundary_layers", boundary_layers, "a non-negative integer (0 disables)")
+    eligible = turboquant_eligible_layers(arch)
+    per_side = min(boundary_layers, (len(eligible) + 1) // 4)
+    if per_side <= 0:
+        return []
+    return eligible[:per_side] + eligible[len(eligible) - per_side:]
+
+
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
@@ -101,6 +121,7 @@ class CapacityPlan(BaseModel):
     model: str
     hardware: str
     kv_cache_dtype: str
+    turboquant_boundary_layers: int  # --turboquant-boundary-layers (used with turboquant_* dtypes only)
     max_model_len: int
     tensor_parallel_size: int
     gpu_memory_utilization: float
@@ -166,7 +187,8 @@ class _Spec:
     layers: list[int]
 
 
-def _layer_decisions(arch: Architecture, kv_cache_dtype: str) -> dict[int, tuple[str, str]]:
+def _layer_decisions(arch: Architecture, kv_cache_dtype: str,
+                     boundary_layers: int = BOUNDARY_LAYERS) -> dict[int, tuple[str, str]]:
     """Cache dtype and reason for each attention layer index."""
     decisions: dict[int, tuple[str, str]] = {}
     plain = "fp8" if kv_cache_dtype.startswith("fp8") else "bf16"
@@ -175,15 +197,10 @@ def _layer_decisions(arch: Architecture, kv_cache_dtype: str) -> dict[int, tuple
             decisions[layer.index] = (plain, f"--kv-cache-dtype {kv_cache_dtype}")
         return decisions
 
-    if arch.is_hybrid:
-        full = list(arch.full_attention_indices)
-        n = min(BOUNDARY_LAYERS, len(full) // 2)
-        boundary = set(full[:n] + full[len(full) - n:])
-        boundary_why = "boundary protection: first/last 2 full-attention layers of a hybrid (tqstack P6)"
-    else:
-        n = min(BOUNDARY_LAYERS, arch.num_layers // 2)
-        boundary = set(range(n)) | set(range(arch.num_layers - n, arch.num_layers))
-        boundary_why = "boundary protection: first/last 2 layers (vLLM TurboQuant default)"
+    boundary = set(boundary_protected_layers(arch, boundary_layers))
+    per_side = len(boundary) // 2
+    boundary_why = (f"boundary protection: first/last {per_side} TurboQuant-eligible (cache-owning "
+                    f"full-attention) layers (--turboquant-boundary-layers {boundary_layers}, tqstack P6 + 0011)")
 
     skipped: dict[int, str] = {}
     for layer in arch.attention_layers:
@@ -307,6 +324,7 @@ def plan_capacity(
     enable_prefix_caching: bool = False,
     language_model_only: bool = False,
     architecture: Architecture | None = None,
+    turboquant_boundary_layers: int | None = None,
 ) -> CapacityPlan:
     """Predict the KV-cache capacity of `model` served on `hardware` with these settings (see module doc)."""
     from .loader import architecture_for  # local import: loader imports this module's errors
@@ -326,6 +344,10 @@ def plan_capacity(
                              f"1..{hardware.gpu_count} (GPUs in {hardware.name})")
     if max_model_len < 1:
         raise PlanInputError("max_model_len", max_model_len, "a positive token count")
+    boundary_layers = BOUNDARY_LAYERS if turboquant_boundary_layers is None else turboquant_boundary_layers
+    if isinstance(boundary_layers, bool) or not isinstance(boundary_layers, int) or boundary_layers < 0:
+        raise PlanInputError("turboquant_boundary_layers", boundary_layers,
+                             "a non-negative integer (0 disables boundary protection)")
 
     arch = architecture or architecture_for(model)
     tp = tensor_parallel_size
@@ -345,7 +367,7 @@ def plan_capacity(
     kv_memory = int(kv_cache_memory_bytes) if given else budget - weight_bytes - activation - overhead
 
     # --- per-layer dtypes and bytes -----------------------------------------------------------------------
-    decisions = _layer_decisions(arch, kv_cache_dtype)
+    decisions = _layer_decisions(arch, kv_cache_dtype, boundary_layers)
     layer_plans: dict[int, LayerPlan] = {}
     spec_by_key: dict[tuple, _Spec] = {}
     unpadded_all_gpus = 0
@@ -448,6 +470,7 @@ def plan_capacity(
         model=model.name,
         hardware=hardware.name,
         kv_cache_dtype=kv_cache_dtype,
+        turboquant_boundary_layers=boundary_layers,
         max_model_len=max_model_len,
         tensor_parallel_size=tp,
         gpu_memory_utilization=gpu_memory_utilization,

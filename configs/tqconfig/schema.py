@@ -115,6 +115,9 @@ class ModelProfile(Strict):
 
 class Serving(Strict):
     kv_cache_dtype: KvCacheDtype
+    # --turboquant-boundary-layers (tqstack patch 0011): the first/last N TurboQuant-eligible layers
+    # (cache-owning full-attention layers) stay bf16; 0 disables. Unset = the engine default, 2.
+    turboquant_boundary_layers: int | None = Field(default=None, ge=0, le=64)
     max_model_len: int = Field(ge=256, le=1_048_576)
     tensor_parallel_size: int = Field(ge=1, le=8)
     gpu_memory_utilization: float | None = Field(default=None, gt=0.0, le=0.98)

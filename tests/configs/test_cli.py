@@ -44,7 +44,17 @@ def test_plan_json_round_trips():
     result = runner.invoke(app, ["plan", "arc-b70-gemma4-e4b", "--json"])
     assert result.exit_code == 0
     plan = tqconfig.CapacityPlan.model_validate_json(result.stdout)
-    assert plan.turboquant_layers == [5, 11, 17]
+    assert plan.turboquant_layers == [11, 17]  # boundary 1 (0011): cache-owning full layers 5 and 23 stay bf16
+    assert plan.turboquant_boundary_layers == 1
+
+
+def test_plan_takes_another_boundary_setting():
+    result = runner.invoke(app, ["plan", "arc-b70-gemma4-e4b", "--json", "--turboquant-boundary-layers", "0"])
+    assert result.exit_code == 0
+    plan = tqconfig.CapacityPlan.model_validate_json(result.stdout)
+    assert plan.turboquant_layers == [5, 11, 17, 23] and plan.turboquant_boundary_layers == 0
+    bad = runner.invoke(app, ["plan", "arc-b70-gemma4-e4b", "--turboquant-boundary-layers", "-1"])
+    assert bad.exit_code == 2 and "turboquant_boundary_layers" in bad.output and "non-negative" in bad.output
 
 
 def test_plan_refuses_k8v4_on_3090():
@@ -55,6 +65,15 @@ def test_plan_refuses_k8v4_on_3090():
 def test_render_compose_check_passes_on_committed_files():
     result = runner.invoke(app, ["render-compose", "--check"])
     assert result.exit_code == 0, result.output
+
+
+def test_preflight_plans_the_env_boundary_setting(tmp_path):
+    env = tmp_path / ".env"
+    env.write_text("TQ_KV_BOUNDARY_LAYERS=0\n")
+    result = runner.invoke(app, ["preflight", "rtx5060ti-x4-gemma4-31b", "--env-file", str(env)])
+    default = runner.invoke(app, ["preflight", "rtx5060ti-x4-gemma4-31b", "--env-file", str(tmp_path / "none")])
+    assert result.exit_code == 0 and default.exit_code == 0
+    assert "2.42x" in result.output and "1.72x" in default.output
 
 
 def test_preflight_rejects_bad_env_dtype(tmp_path):

@@ -58,7 +58,8 @@ def test_resolved_compose_matches_stack(compose_binary, stack):
 def test_env_file_knobs_reach_the_command(compose_binary, tmp_path):
     env = tmp_path / "tq.env"
     env.write_text("TQ_KV_CACHE_DTYPE=turboquant_3bit_nc\nTQ_MAX_MODEL_LEN=65536\nTQ_PORT=9001\n"
-                   "TQ_BIND=0.0.0.0\nVLLM_API_KEY=secret\nNCCL_P2P_DISABLE=0\nTQ_HF_CACHE=/srv/hf\n")
+                   "TQ_BIND=0.0.0.0\nVLLM_API_KEY=secret\nNCCL_P2P_DISABLE=0\nTQ_HF_CACHE=/srv/hf\n"
+                   "TQ_KV_BOUNDARY_LAYERS=3\n")
     result = _compose(compose_binary, "-f", str(REPO / "compose" / "rtx3090-x2-qwen3.6-27b.yaml"),
                       "config", "--format", "json", env_file=env)
     assert result.returncode == 0, result.stderr
@@ -66,6 +67,7 @@ def test_env_file_knobs_reach_the_command(compose_binary, tmp_path):
     command = service["command"]
     assert command[command.index("--kv-cache-dtype") + 1] == "turboquant_3bit_nc"
     assert command[command.index("--max-model-len") + 1] == "65536"
+    assert command[command.index("--turboquant-boundary-layers") + 1] == "3"
     assert service["ports"][0]["published"] == "9001" and service["ports"][0]["host_ip"] == "0.0.0.0"
     assert service["environment"]["VLLM_API_KEY"] == "secret"
     assert service["environment"]["NCCL_P2P_DISABLE"] == "0"

@@ -60,18 +60,44 @@ def _plan(stack: str, **kw) -> tqconfig.CapacityPlan:
 
 
 def test_gemma31b_layer_selection_keeps_boundary_and_sliding_bf16():
-    plan = _plan("rtx5060ti-x4-gemma4-31b")
-    assert plan.turboquant_layers == [5, 11, 17, 23, 29, 35, 41, 47, 53]
-    assert plan.bf16_full_attention_layers == [59]  # vLLM boundary 0,1,58,59: only 59 is full attention
+    plan = _plan("rtx5060ti-x4-gemma4-31b")  # turboquant_boundary_layers: 1
+    assert plan.turboquant_layers == [11, 17, 23, 29, 35, 41, 47, 53]
+    # 0011 counts full-attention layers: 5 and 59 (vLLM's index boundary 0, 1, 58, 59 hit only 59)
+    assert plan.bf16_full_attention_layers == [5, 59]
     assert len(plan.sliding_layers) == 50
     assert all("sliding-window" in layer.reason for layer in plan.layers if layer.kind == "sliding_attention")
     assert "boundary" in next(layer.reason for layer in plan.layers if layer.index == 59)
-    # 9 x (4 heads x 518) + 1 x (4 heads x 2 x 512 x 2): patch 0009's header: "2072 B/token/layer (3.95x vs 8192)"
-    assert plan.growing_bytes_per_token_all_gpus_unpadded == 9 * 2072 + 8192
+    assert "boundary" in next(layer.reason for layer in plan.layers if layer.index == 5)
+    # 8 x (4 heads x 518) + 2 x (4 heads x 2 x 512 x 2): "2072 vs 8192 per layer"
+    assert plan.growing_bytes_per_token_all_gpus_unpadded == 8 * 2072 + 2 * 8192
+
+
+@pytest.mark.parametrize("n,bf16", [(0, []), (1, [5, 59]), (2, [5, 11, 53, 59]), (3, [5, 11, 53, 59])])
+def test_gemma31b_boundary_counts_full_attention_layers(n, bf16):
+    plan = _plan("rtx5060ti-x4-gemma4-31b", turboquant_boundary_layers=n)
+    assert plan.bf16_full_attention_layers == bf16  # 3 is capped: at most half of the 10 full layers
+    assert plan.turboquant_boundary_layers == n
+    assert len(plan.turboquant_layers) == 10 - len(bf16)
+
+
+def test_boundary_setting_is_validated():
+    with pytest.raises(tqconfig.PlanInputError, match="turboquant_boundary_layers.*non-negative"):
+        _plan("rtx5060ti-x4-gemma4-31b", turboquant_boundary_layers=-1)
+
+
+def test_gemma3_270m_style_config_protects_first_and_last_full_layers():
+    from conftest import REPO
+    from tqconfig.planner import boundary_protected_layers
+
+    arch = load_architecture(REPO / "tests/patches/fixtures/gemma-3-270m/config.json")
+    assert [boundary_protected_layers(arch, n) for n in (0, 1, 2)] == [[], [5, 17], [5, 17]]
+    # one full layer (tiny Gemma 4): never protected, it stays TurboQuant at any setting
+    tiny = load_architecture(REPO / "tests/fixtures/tiny-configs/tiny_gemma4/config.json")
+    assert [boundary_protected_layers(tiny, n) for n in (0, 1, 2)] == [[], [], []]
 
 
 def test_qwen_hybrid_boundary_protects_first_and_last_two_full_attention_layers():
-    plan = _plan("rtx3090-x1-qwen3.6-27b")
+    plan = _plan("rtx3090-x1-qwen3.6-27b")  # turboquant_boundary_layers: 2
     assert plan.bf16_full_attention_layers == [3, 7, 59, 63]  # tqstack P6
     assert plan.turboquant_layers == list(range(11, 56, 4))
     assert len(plan.linear_attention_layers) == 48
@@ -90,14 +116,19 @@ def test_qwen_pages_follow_p7_block_3072():
 
 
 def test_e4b_yoco_cluster_is_skipped_together():
-    plan = _plan("rtx3090-x1-gemma4-e4b")
-    assert plan.turboquant_layers == [5, 11, 17]
-    assert plan.bf16_full_attention_layers == [23]
+    plan = _plan("rtx3090-x1-gemma4-e4b")  # turboquant_boundary_layers: 1 -> cache-owning full layers 5, 23
+    assert plan.turboquant_layers == [11, 17]
+    assert plan.bf16_full_attention_layers == [5, 23]
     assert plan.shared_kv_layers == list(range(24, 42))
     layer23 = next(layer for layer in plan.layers if layer.index == 23)
-    assert "YOCO" in layer23.reason
-    tq_layer = next(layer for layer in plan.layers if layer.index == 5)
-    assert tq_layer.block_size == 64  # patches 0009 + 0008 (P7, P8): TurboQuant block 64, 1036 B/token
+    assert "boundary" in layer23.reason
+    # 23's readers follow it (P8)
+    assert all("YOCO" in layer.reason and "layer 23" in layer.reason
+               for layer in plan.layers if layer.index in (29, 35, 41))
+    tq_layer = next(layer for layer in plan.layers if layer.index == 11)
+    assert tq_layer.block_size == 64  # P7 + P8 simulation: TurboQuant block 64, 1036 B/token
+    # without boundary protection every cache-owning full layer (and so 23's readers) is TurboQuant
+    assert _plan("rtx3090-x1-gemma4-e4b", turboquant_boundary_layers=0).turboquant_layers == [5, 11, 17, 23]
 
 
 def test_unpatched_report_matches_gemma31b_h200_baseline():
@@ -167,11 +198,17 @@ def test_turboquant_k8v4_refused_on_rtx3090_by_planner():
         _plan("rtx3090-x1-qwen3.6-27b", kv_cache_dtype="turboquant_k8v4")
 
 
-@pytest.mark.parametrize("stack", ["rtx5060ti-x4-gemma4-31b", "rtx3090-x2-qwen3.6-27b", "rtx3090-x1-gemma4-e4b"])
-def test_turboquant_holds_at_least_twice_the_bf16_tokens(stack):
+@pytest.mark.parametrize("stack,factor", [
+    ("rtx5060ti-x4-gemma4-31b", 2), ("rtx3090-x2-qwen3.6-27b", 2),
+    # E4B at its stack setting (boundary 1) compresses 2 of its 4 cache-owning full layers (0011)
+    ("rtx3090-x1-gemma4-e4b", 1.5),
+])
+def test_turboquant_holds_at_least_twice_the_bf16_tokens(stack, factor):
     # not the textbook 3.9x: boundary layers, sliding windows, DeltaNet state and page padding stay
     bf16 = _plan(stack, kv_cache_dtype="auto").kv_cache_tokens
-    assert _plan(stack, kv_cache_dtype="turboquant_4bit_nc").kv_cache_tokens > 2 * bf16
+    assert _plan(stack, kv_cache_dtype="turboquant_4bit_nc").kv_cache_tokens > factor * bf16
+    unprotected = _plan(stack, kv_cache_dtype="turboquant_4bit_nc", turboquant_boundary_layers=0)
+    assert unprotected.kv_cache_tokens > 2 * bf16
 
 
 def test_per_layer_config_spelling_gives_same_architecture(tmp_path):

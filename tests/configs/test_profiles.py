@@ -25,6 +25,10 @@ def test_stack_api(name):
     assert argv[0] == stack.model.hf_id  # model first
     assert argv[argv.index("--kv-cache-dtype") + 1] == stack.serving.kv_cache_dtype
     assert argv[argv.index("--max-model-len") + 1] == str(stack.serving.max_model_len)
+    # every stack states its TurboQuant boundary protection (patch 0011's engine option)
+    assert stack.serving.turboquant_boundary_layers is not None
+    assert argv[argv.index("--turboquant-boundary-layers") + 1] == str(stack.serving.turboquant_boundary_layers)
+    assert stack.plan().turboquant_boundary_layers == stack.serving.turboquant_boundary_layers
     assert argv[argv.index("--tensor-parallel-size") + 1] == str(stack.serving.tensor_parallel_size)
     assert argv[argv.index("--served-model-name") + 1] == stack.model.served_model_name
     assert json.loads(argv[argv.index("--default-chat-template-kwargs") + 1]) == {"enable_thinking": False}
@@ -94,6 +98,8 @@ BAD_STACKS = [
     (lambda d: d.update(model="llama-70b"), "model", ["qwen3.6-27b"]),
     (lambda d: d.update(name="other-name"), "name", ["file name"]),
     (lambda d: d["serving"].update(gpu_memory_utilization=1.5), "serving.gpu_memory_utilization", ["0.98"]),
+    (lambda d: d["serving"].update(turboquant_boundary_layers=-1), "serving.turboquant_boundary_layers",
+     ["greater than or equal to 0"]),
 ]
 
 

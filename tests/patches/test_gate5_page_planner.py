@@ -17,7 +17,8 @@ NOT_DIVISIBLE = "page size is not divisible by the maximum page size and cannot 
 
 
 @pytest.mark.parametrize("label,error_type,message", [
-    ("31b/forced", "NotImplementedError", f"Layer model.layers.5.self_attn.attn: {NOT_DIVISIBLE}"),
+    # the first TurboQuant layer of the forced list (0011: full layers 5, 11, 53, 59 stay bf16)
+    ("31b/forced", "NotImplementedError", f"Layer model.layers.17.self_attn.attn: {NOT_DIVISIBLE}"),
     ("e4b/forced-boundary", "NotImplementedError", NOT_DIVISIBLE),
     ("e4b/forced-yoco", "AssertionError", ""),
     ("qwen/forced", "NotImplementedError", NOT_DIVISIBLE),
@@ -60,9 +61,9 @@ def test_patched_expected_layouts(patched_tree):
     assert blocks("gemma-4-31b-it/turboquant_4bit_nc") == {
         "TQFullAttentionSpec": 128, "FullAttentionSpec": 32, "SlidingWindowSpec": 16}
     assert gemma31["groups"][0]["page_size"] == 265216  # bf16 262144 padded by 1.2%
-    assert gemma31["bytes_per_token_per_layer"]["5"] == 2072
+    assert gemma31["bytes_per_token_per_layer"]["17"] == 2072  # 5 is a bf16 boundary layer (0011)
     assert blocks("gemma-4-e4b-it/turboquant_4bit_nc")["TQFullAttentionSpec"] == 64
-    assert results["gemma-4-e4b-it/turboquant_4bit_nc"]["bytes_per_token_per_layer"]["5"] == 1036
+    assert results["gemma-4-e4b-it/turboquant_4bit_nc"]["bytes_per_token_per_layer"]["11"] == 1036
     qwen = results["qwen3.6-27b/turboquant_4bit_nc"]
     assert blocks("qwen3.6-27b/turboquant_4bit_nc")["TQFullAttentionSpec"] == 3072
     assert qwen["bytes_per_token_per_layer"]["11"] == 1048

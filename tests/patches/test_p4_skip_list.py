@@ -27,7 +27,8 @@ def test_pristine_does_not_skip_sliding_layers(pristine_tree):
 def test_patched_skip_list_keeps_names_and_sorts_indices(patched_tree):
     result = probe.patched_results(run_in_vllm, patched_tree)["31b/manual-sliding-skip"]
     assert result["ok"], result.get("traceback")
-    assert result["skip_layers"] == ["0", "1", "7", "58", "59", "sliding_window"]
+    # boundary (0011: full layers 5, 11, 53, 59) + the user's 7 + the attention type name
+    assert result["skip_layers"] == ["5", "7", "11", "53", "59", "sliding_window"]
 
 
 def test_patched_auto_skips_sliding_layers_for_every_turboquant_dtype(patched_tree):

@@ -316,12 +316,16 @@ MODELS = {
 DTYPES = ["auto", "turboquant_k8v4", "turboquant_4bit_nc", "turboquant_k3v4_nc", "turboquant_3bit_nc"]
 
 
-def case(model: str, kv_cache_dtype: str, **extra) -> dict:
+def case(model: str, kv_cache_dtype: str, boundary_layers: int | None = None, **extra) -> dict:
+    """One probe case; `boundary_layers` is EngineArgs.turboquant_boundary_layers (patch 0011)."""
     architecture, memory_gib, engine_args = MODELS[model]
+    engine_args = dict(engine_args)
+    if boundary_layers is not None:
+        engine_args["turboquant_boundary_layers"] = boundary_layers
     return {
         "name": model, "config_dir": os.path.join(REPO, "configs", "hf", model),
         "architecture": architecture, "kv_cache_dtype": kv_cache_dtype,
-        "kv_memory_bytes": int(memory_gib * GIB), "engine_args": dict(engine_args), **extra,
+        "kv_memory_bytes": int(memory_gib * GIB), "engine_args": engine_args, **extra,
     }
 
 
@@ -349,8 +353,11 @@ def by_label(results: list[dict]) -> dict[str, dict]:
     return {r["label"]: r for r in results}
 
 
-GEMMA31_SKIPS = ["0", "1", "58", "59", "sliding_window"]
-E4B_YOCO_SKIPS = ["0", "1", "23", "29", "35", "40", "41", "sliding_window"]
+# Skip lists of the patched create_engine_config with --turboquant-boundary-layers unset (2, patch 0011:
+# counted on cache-owning full-attention layers). Gemma 4 31B: full layers 5, 11, 53, 59; E4B: 2 capped
+# to 1 of its 4 cache-owning full layers (5, 23), plus 23's YOCO readers 29, 35, 41 (0008).
+GEMMA31_SKIPS = ["5", "11", "53", "59", "sliding_window"]
+E4B_YOCO_SKIPS = ["5", "23", "29", "35", "41", "sliding_window"]
 QWEN_BOUNDARY = ["3", "7", "59", "63"]
 
 # One probe run per tree serves every test file (the subprocess start dominates the cost).
@@ -371,12 +378,14 @@ PATCHED_CASES = [
     *all_model_cases(),
     case("gemma-4-31b-it", "turboquant_4bit_nc", skip_layers=["sliding_window", "7"],
          label="31b/manual-sliding-skip"),
-    case("qwen3.6-27b", "turboquant_4bit_nc", env={"TQ_BOUNDARY_LAYERS": "1"}, label="qwen/boundary-1"),
-    case("qwen3.6-27b", "turboquant_4bit_nc", env={"TQ_BOUNDARY_LAYERS": "0"}, label="qwen/boundary-0"),
-    case("qwen3.6-27b", "turboquant_4bit_nc", env={"TQ_BOUNDARY_LAYERS": "two"}, label="qwen/boundary-bad"),
-    case("gemma-4-e4b-it", "turboquant_4bit_nc", env={"TQ_BOUNDARY_LAYERS": "0"}, label="e4b/boundary-0"),
-    case("gemma-4-e4b-it", "turboquant_4bit_nc", env={"TQ_BOUNDARY_LAYERS": "0"}, skip_layers=["29"],
+    case("qwen3.6-27b", "turboquant_4bit_nc", boundary_layers=1, label="qwen/boundary-1"),
+    case("qwen3.6-27b", "turboquant_4bit_nc", boundary_layers=0, label="qwen/boundary-0"),
+    case("qwen3.6-27b", "turboquant_4bit_nc", boundary_layers=-1, label="qwen/boundary-bad"),
+    case("qwen3.6-27b", "turboquant_4bit_nc", env={"TQ_BOUNDARY_LAYERS": "two"}, label="qwen/boundary-env-bad"),
+    case("gemma-4-e4b-it", "turboquant_4bit_nc", boundary_layers=0, label="e4b/boundary-0"),
+    case("gemma-4-e4b-it", "turboquant_4bit_nc", boundary_layers=0, skip_layers=["29"],
          label="e4b/user-skips-29"),
+    case("gemma-4-31b-it", "turboquant_4bit_nc", boundary_layers=1, label="31b/boundary-1"),
 ]
 
 

@@ -122,6 +122,8 @@ def planner_prediction(stack: Any, kv_cache_dtype: str, max_model_len: int | Non
             gpu_memory_utilization=stack.gpu_memory_utilization,
             tensor_parallel_size=serving.tensor_parallel_size, max_num_seqs=serving.max_num_seqs,
             max_num_batched_tokens=serving.max_num_batched_tokens,
+            # the stack's --turboquant-boundary-layers (patch 0011); None = the engine default
+            turboquant_boundary_layers=getattr(serving, "turboquant_boundary_layers", None),
         )
     except Exception as exc:  # the planner refusing a point is a result to report, not a crash
         return {"predicted_kv_tokens": None, "predicted_max_concurrency": None,

@@ -73,9 +73,10 @@ def test_flashinfer_and_eager_and_multimodal_switches(tmp_path):
 
 @pytest.mark.parametrize("name", CUDA_STACKS)
 def test_every_flag_exists_in_vllm_0_26_0(name, tmp_path):
-    tree = vllm_cli.pristine_tree()
+    # the stacks serve the patched engine (their --turboquant-boundary-layers comes from patch 0011)
+    tree = vllm_cli.patched_tree()
     if tree is None:
-        pytest.fail("unpacked vLLM 0.26.0 wheel not found: run `make patches-pristine` or set TQ_VLLM_PRISTINE")
+        pytest.fail("patched vLLM 0.26.0 tree not found: run `make patches-trees` or set TQ_VLLM_PATCHED")
     known = vllm_cli.serve_options(tree)
     plan = serve_stacks.plan_stack(name, gpus=1, model_dir=tmp_path, port=1, flashinfer=False, enforce_eager=True)
     unknown = [f for f in vllm_cli.flags(plan.argv) if f not in known]

@@ -26,6 +26,16 @@ def pristine_tree() -> Path | None:
     return None
 
 
+def patched_tree() -> Path | None:
+    """The same wheel with the tqstack series applied: $TQ_VLLM_PATCHED or build/vllm-0.26.0/patched
+    (make patches-trees). Stacks serve this engine, so their flags (e.g. --turboquant-boundary-layers,
+    patch 0011) are checked against it."""
+    for candidate in (os.environ.get("TQ_VLLM_PATCHED"), REPO / "build" / "vllm-0.26.0" / "patched"):
+        if candidate and (Path(candidate) / "vllm" / "engine" / "arg_utils.py").is_file():
+            return Path(candidate)
+    return None
+
+
 def _option(field: str) -> str:
     return "--" + field.replace("_", "-")
 
