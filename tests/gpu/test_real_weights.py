@@ -225,8 +225,10 @@ def test_turboquant_backend_facts_documented_in_the_lane():
     assert re.search(r"def supports_head_size\(cls, head_size: int\) -> bool:\n(\s+#.*\n)*\s+return head_size > 0", source)
     # continuation chunks above 128 tokens dequantize the cached prefix; first chunks use raw K/V
     assert "_CONTINUATION_DECODE_THRESHOLD = 128" in source
-    assert "def _continuation_prefill(" in source and "_tq_full_dequant_kv[grid](" in source
+    assert "def _continuation_prefill(" in source and "tq_dequant_request(" in source
     assert rw.parse_args(["--dry-run"]).chunk_tokens > 128
+    # chunks of <= 128 tokens run the decode kernel: the decode-path cases stay below the threshold
+    assert "out = tq_decode(" in source and rw.parse_args(["--dry-run"]).decode_chunk_tokens <= 128
 
 
 # ---------------------------------------------------------------- model-kit scripts
