@@ -1,0 +1,174 @@
+#!/usr/bin/env python3
+"""In-image checks of a built tqstack image, run as the image's own (non-root) user with buildah.
+
+Usage: check_image.py IMAGE [--compose-dir DIR] [--storage "--storage-driver vfs"]
+Starts a working container from IMAGE (`buildah from`), runs each check with
+`buildah run --isolation chroot --user <the image's USER>` (the image's ENV and WORKDIR apply), prints
+one `ok`/`FAIL` line per check with the command it ran, removes the container, exits 1 if any failed:
+  * user        the image's USER is set, is not root, and has a passwd entry
+  * verify.py   images/common/verify.py passes (--expect-series-sha256 = the image's label)
+  * entrypoint  the ENTRYPOINT with --help (`vllm serve --help`) exits 0 and prints its usage
+  * cache dirs  every directory the compose files for this image mount or point a cache variable at
+                (HF_HOME, VLLM_CACHE_ROOT, TRITON_CACHE_DIR), and $HOME, ~/.cache, ~/.nv, exists in the
+                image and the user can create a file in it (a named volume starts as a copy of the
+                image's directory, owner included)
+  * control     the user can NOT write to /opt/venv (so the writable checks mean something)
+  * healthcheck the compose healthcheck's interpreter is on the user's PATH and runs its code up to the
+                request (urllib.request imports, the command compiles)
+Needs PyYAML on the host (the repository venv has it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sh(cmd: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def compose_facts(compose_dir: Path, image_ref: str) -> tuple[list[str], list[list[str]], list[str]]:
+    """Directories, healthcheck tests and file names of the compose services that run image_ref."""
+    dirs: list[str] = []
+    healthchecks: list[list[str]] = []
+    files: list[str] = []
+    for path in sorted(compose_dir.glob("*.yaml")):
+        doc = yaml.safe_load(path.read_text()) or {}
+        for service in (doc.get("services") or {}).values():
+            if service.get("image") != image_ref:
+                continue
+            files.append(path.name)
+            for volume in service.get("volumes") or []:
+                parts = volume.split(":")
+                target = parts[1] if len(parts) > 1 else parts[0]
+                # only the image user's own directories (device paths such as /dev/dri/by-path are read-only)
+                if target.startswith("/home/") and target not in dirs:
+                    dirs.append(target)
+            env = service.get("environment") or {}
+            for key in ("HF_HOME", "VLLM_CACHE_ROOT", "TRITON_CACHE_DIR"):
+                if key in env and env[key] not in dirs:
+                    dirs.append(env[key])
+            test = (service.get("healthcheck") or {}).get("test")
+            if test and test not in healthchecks:
+                healthchecks.append(test)
+    return dirs, healthchecks, files
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("image")
+    parser.add_argument("--compose-dir", type=Path, default=REPO / "compose")
+    parser.add_argument("--storage", default="--storage-driver vfs")
+    parser.add_argument("--skip", action="append", default=[], choices=["verify.py", "entrypoint"],
+                        help="leave a check out (reported as skipped, with --skip-reason)")
+    parser.add_argument("--skip-reason", default="")
+    args = parser.parse_args(argv)
+    buildah = ["buildah", *shlex.split(args.storage)]
+
+    info = json.loads(sh([*buildah, "inspect", "--type", "image", args.image]).stdout)
+    config = info["Docker"]["config"] if info.get("Docker", {}).get("config") else info["OCIv1"]["config"]
+    user = config.get("User") or ""
+    entrypoint = config.get("Entrypoint") or []
+    labels = config.get("Labels") or {}
+    hardware = labels.get("io.tqstack.hardware", "")
+    series_sha = labels.get("io.tqstack.patch-series.sha256", "")
+    image_ref = f"tqstack/vllm:{labels.get('org.opencontainers.image.version', '')}"
+    dirs, healthchecks, compose_files = compose_facts(args.compose_dir, image_ref)
+    # HOME and the caches vLLM's dependencies keep under it without a variable (FlashInfer and torch
+    # extensions in ~/.cache, the CUDA JIT cache in ~/.nv, which images/README.md suggests mounting)
+    home = next((e.split("=", 1)[1] for e in config.get("Env") or [] if e.startswith("HOME=")), "")
+    for extra in ([home, f"{home}/.cache", f"{home}/.nv"] if home else []):
+        if extra not in dirs:
+            dirs.append(extra)
+    print(f"# in-image checks: {args.image} (hardware {hardware}, USER {user!r}, "
+          f"ENTRYPOINT {entrypoint}, compose files for {image_ref}: {', '.join(compose_files) or 'none'})")
+
+    container = sh([*buildah, "from", "--pull=never", args.image]).stdout.strip().splitlines()[-1]
+    failures = 0
+
+    def run(cmd: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
+        return sh([*buildah, "run", "--isolation", "chroot", "--user", user, container, "--", *cmd], timeout)
+
+    def report(name: str, ok: bool, cmd: list[str], detail: str, seconds: float | None = None) -> None:
+        nonlocal failures
+        failures += not ok
+        took = f" ({seconds:.0f} s)" if seconds is not None else ""
+        print(f"{'ok  ' if ok else 'FAIL'} {name}: $ {shlex.join(cmd)}{took}")
+        for line in detail.strip().splitlines():
+            print(f"       {line}")
+
+    try:
+        cmd = ["sh", "-c", "id; echo HOME=$HOME PATH=$PATH; pwd"]
+        result = run(cmd)
+        ok = (result.returncode == 0 and user not in ("", "0", "root")
+              and "uid=0(" not in result.stdout
+              and (not user.isdigit() or f"uid={user}(" in result.stdout))  # "(" : has a passwd entry
+        report("user", ok, cmd, result.stdout + result.stderr)
+
+        if not compose_files:
+            report("compose", False, [], f"no compose file under {args.compose_dir} runs {image_ref}")
+
+        for name in args.skip:
+            print(f"skip {name}: {args.skip_reason}")
+        cmd = ["python", "/opt/tqstack/images/common/verify.py", "--patches-dir", "/opt/tqstack/patches"]
+        if series_sha:
+            cmd += ["--expect-series-sha256", series_sha]
+        start = time.monotonic()
+        result = run(cmd) if "verify.py" not in args.skip else None
+        if result is not None:
+                report("verify.py", result.returncode == 0, cmd, result.stdout + result.stderr[-3000:],
+                   time.monotonic() - start)
+        series = run(["sh", "-c", "grep -cvE '^(#|$)' /opt/tqstack/patches/vllm-0.26.0/series"])
+        print(f"       (series in the image: {series.stdout.strip()} patches, sha256 {series_sha or 'unlabelled'})")
+
+        cmd = [*entrypoint, "--help"]
+        if "entrypoint" not in args.skip:
+            start = time.monotonic()
+            result = run(cmd)
+            text = result.stdout + result.stderr
+            ok = result.returncode == 0 and "usage: vllm serve" in text
+            lines = text.strip().splitlines()
+            shown = lines if not ok else [line for line in lines if line.lower().startswith("usage")][:1] + \
+                [f"... ({len(lines)} lines of help)"]
+            report("entrypoint", ok, cmd, "\n".join(shown[-40:]), time.monotonic() - start)
+
+        for directory in dirs:
+            probe = f"{directory}/.tqstack-write-check"
+            cmd = ["sh", "-c", f"test -d {directory} && touch {probe} && rm {probe} && stat -c '%U:%G %a %n' {directory}"]
+            result = run(cmd)
+            report(f"writable {directory}", result.returncode == 0, cmd, result.stdout + result.stderr)
+
+        cmd = ["sh", "-c", "touch /opt/venv/.tqstack-write-check"]
+        result = run(cmd)
+        report("control /opt/venv read-only for the user", result.returncode != 0, cmd,
+               (result.stderr or result.stdout or "(write succeeded)"))
+
+        for test in healthchecks:
+            if test[0] == "CMD":
+                interpreter, code = test[1], test[-1]
+            else:  # CMD-SHELL: the shell's first word
+                interpreter, code = "sh", ""
+            cmd = ["sh", "-c", f"command -v {interpreter}"]
+            where = run(cmd)
+            probe = [interpreter, "-c", f"import urllib.request, sys; compile({code!r}, 'healthcheck', 'exec'); "
+                                       "print(sys.executable, sys.version.split()[0])"]
+            result = run(probe)
+            report(f"healthcheck interpreter {interpreter}", where.returncode == 0 and result.returncode == 0,
+                   probe, where.stdout + result.stdout + result.stderr + f"(healthcheck: {shlex.join(test)})")
+    finally:
+        sh([*buildah, "rm", container])
+    print(f"# in-image checks: {'all passed' if not failures else f'{failures} FAILED'}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
