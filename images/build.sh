@@ -58,15 +58,18 @@ full_log="$repo/build/images/$(basename "$log" .log).full.log"
 tag="localhost/tqstack/vllm:0.26.0-$variant"
 
 bash "$here/standin/tools.sh"
-# Trimmed log: pip's per-file download/progress lines are dropped, every step and its result kept.
-trim() { grep --line-buffered -v -E '^\s*(Downloading|Using cached|Collecting|Obtaining|Saved) |━|^\s*[0-9.]+ [kMG]?B [0-9.]+ [kMG]?B/s' || true; }
+# Trimmed log: pip's per-file download/progress lines and apt's per-package unpack lines are dropped;
+# every step, its other output and its result are kept.
+trim() {
+  grep --line-buffered -v -E '^\s*(Downloading|Using cached|Collecting|Obtaining|Saved) |━|^\s*[0-9.]+ [kMG]?B [0-9.]+ [kMG]?B/s|^(Get:[0-9]+|Selecting previously unselected|Preparing to unpack|Unpacking|Setting up|Copying blob) ' || true
+}
 say() { echo "$*" | tee -a "$full_log" >>"$log"; }
 : >"$log"; : >"$full_log"
 
 say "# tqstack image build: $variant"
 say "date:        $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 say "commit:      $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$repo" diff --quiet HEAD -- images patches 2>/dev/null || echo ' (+ uncommitted changes in images/ or patches/)')"
-say "dockerfile:  images/$image_name/Dockerfile (unchanged; build arguments below)"
+[[ $pypi_only == 1 ]] || say "dockerfile:  images/$image_name/Dockerfile (unchanged; build arguments below)"
 say "builder:     $(buildah --version) ${storage[*]} --isolation chroot --format docker"
 say "host:        $(nproc) CPUs, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)"
 
@@ -75,8 +78,7 @@ say "base:        $base_arg=$base (stand-in, see images/README.md 'Stand-in base
 
 # The build context the Dockerfile's .dockerignore allows: images/common/ and patches/ (no caches).
 ctx="$(mktemp -d "${TMPDIR:-/var/tmp}/tqstack-ctx.XXXXXX")"
-cleanup() { rm -rf "$ctx"; }
-trap cleanup EXIT
+trap 'rm -rf "$ctx"' EXIT
 mkdir -p "$ctx/images"
 cp -a "$here/common" "$ctx/images/common"
 cp -a "$repo/patches" "$ctx/patches"
@@ -97,7 +99,7 @@ if [[ $cpu_torch == 1 ]]; then
   [[ -f "$wheel" ]] || { echo "build.sh: --cpu-torch needs a CPU torch wheel (CPU_TORCH_WHEEL=...)" >&2; exit 2; }
   mkdir -p "$ctx/images/common/cpu-wheels"
   cp "$wheel" "$ctx/images/common/cpu-wheels/"
-  vllm_wheel="$TQ_CACHE_DIR/wheels/$(. "$here/common/pins.env"; echo "$VLLM_WHEEL")"
+  vllm_wheel="$TQ_CACHE_DIR/wheels/$(sed -n 's/^VLLM_WHEEL=//p' "$here/common/pins.env")"
   if [[ ! -f "$vllm_wheel" ]]; then
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
       --platform manylinux_2_28_x86_64 -d "$TQ_CACHE_DIR/wheels" "vllm==0.26.0"

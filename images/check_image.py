@@ -7,7 +7,13 @@ Starts a working container from IMAGE (`buildah from`), runs each check with
 one `ok`/`FAIL` line per check with the command it ran, removes the container, exits 1 if any failed:
   * user        the image's USER is set, is not root, and has a passwd entry
   * verify.py   images/common/verify.py passes (--expect-series-sha256 = the image's label)
-  * entrypoint  the ENTRYPOINT with --help (`vllm serve --help`) exits 0 and prints its usage
+  * entrypoint  the ENTRYPOINT with --help (`vllm serve --help`) exits 0 and prints its usage, and
+                `vllm serve --help=kv-cache-dtype` lists the four TurboQuant dtypes. vLLM picks its platform
+                through the NVIDIA driver (NVML) and its CUDA extensions link libcuda.so.1, so on a host with
+                no GPU a CUDA image gets driver stand-ins mounted where the container toolkit puts the
+                driver's libraries: images/standin/nvml-stub.c (one GPU of the image's io.tqstack.cuda-arch)
+                and a libcuda.so.1 generated from the cu* symbols the image's libraries import, each
+                returning CUDA_ERROR_NO_DEVICE. Nothing runs on a GPU; this proves the CLI and its imports.
   * cache dirs  every directory the compose files for this image mount or point a cache variable at
                 (HF_HOME, VLLM_CACHE_ROOT, TRITON_CACHE_DIR), and $HOME, ~/.cache, ~/.nv, exists in the
                 image and the user can create a file in it (a named volume starts as a copy of the
@@ -15,13 +21,14 @@ one `ok`/`FAIL` line per check with the command it ran, removes the container, e
   * control     the user can NOT write to /opt/venv (so the writable checks mean something)
   * healthcheck the compose healthcheck's interpreter is on the user's PATH and runs its code up to the
                 request (urllib.request imports, the command compiles)
-Needs PyYAML on the host (the repository venv has it).
+Needs PyYAML, and gcc and nm (binutils) for the driver stand-ins, on the host.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import shlex
+import tempfile
 import subprocess
 import sys
 import time
@@ -63,6 +70,38 @@ def compose_facts(compose_dir: Path, image_ref: str) -> tuple[list[str], list[li
     return dirs, healthchecks, files
 
 
+def driver_standins(buildah: list[str], container: str, cuda_arch: str, workdir: Path) -> list[str]:
+    """`buildah run` flags that mount stand-ins of the driver's libnvidia-ml.so.1 and libcuda.so.1."""
+    root = Path(sh([*buildah, "mount", container]).stdout.strip())
+    symbols: set[str] = set()
+    for lib in (root / "opt" / "venv").rglob("*.so*"):
+        if not lib.is_file() or lib.is_symlink():
+            continue
+        needed = sh(["readelf", "-d", str(lib)]).stdout
+        if "[libcuda.so.1]" not in needed:
+            continue
+        for line in sh(["nm", "-D", "--undefined-only", str(lib)]).stdout.splitlines():
+            name = line.split()[-1].split("@")[0]
+            if name.startswith("cu") and name[2:3].isupper():
+                symbols.add(name)
+    sh([*buildah, "umount", container])
+    source = workdir / "cuda-stub.c"
+    # 100 = CUDA_ERROR_NO_DEVICE
+    source.write_text("".join(f"int {name}(void) {{ return 100; }}\n" for name in sorted(symbols)))
+    libs = workdir / "lib"
+    libs.mkdir()
+    for cmd in (["gcc", "-shared", "-fPIC", "-O2", "-Wl,-soname,libcuda.so.1", "-o", str(libs / "libcuda.so.1"),
+                 str(source)],
+                ["gcc", "-shared", "-fPIC", "-O2", "-o", str(libs / "libnvidia-ml.so.1"),
+                 str(REPO / "images" / "standin" / "nvml-stub.c")]):
+        result = sh(cmd)
+        if result.returncode:
+            raise SystemExit(f"check_image.py: {shlex.join(cmd)} failed: {result.stderr}")
+    print(f"       (driver stand-ins: libnvidia-ml.so.1 reporting one GPU of compute capability {cuda_arch}, "
+          f"libcuda.so.1 with the {len(symbols)} cu* symbols the image's libraries import)")
+    return ["--volume", f"{libs}:/usr/local/nvidia/lib64:ro", "--env", f"TQ_STUB_NVML_CC={cuda_arch}"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("image")
@@ -93,10 +132,12 @@ def main(argv: list[str] | None = None) -> int:
           f"ENTRYPOINT {entrypoint}, compose files for {image_ref}: {', '.join(compose_files) or 'none'})")
 
     container = sh([*buildah, "from", "--pull=never", args.image]).stdout.strip().splitlines()[-1]
+    workdir = tempfile.mkdtemp(prefix="tqstack-check-")
     failures = 0
 
-    def run(cmd: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
-        return sh([*buildah, "run", "--isolation", "chroot", "--user", user, container, "--", *cmd], timeout)
+    def run(cmd: list[str], timeout: int = 900, flags: list[str] | None = None) -> subprocess.CompletedProcess:
+        return sh([*buildah, "run", "--isolation", "chroot", "--user", user, *(flags or []), container, "--", *cmd],
+                  timeout)
 
     def report(name: str, ok: bool, cmd: list[str], detail: str, seconds: float | None = None) -> None:
         nonlocal failures
@@ -132,14 +173,27 @@ def main(argv: list[str] | None = None) -> int:
 
         cmd = [*entrypoint, "--help"]
         if "entrypoint" not in args.skip:
+            flags: list[str] = []
+            envs = dict(e.split("=", 1) for e in config.get("Env") or [] if "=" in e)
+            if "NVIDIA_VISIBLE_DEVICES" in envs:
+                flags = driver_standins(buildah, container, labels.get("io.tqstack.cuda-arch") or "8.6",
+                                        Path(workdir))
             start = time.monotonic()
-            result = run(cmd)
+            result = run(cmd, flags=flags)
             text = result.stdout + result.stderr
             ok = result.returncode == 0 and "usage: vllm serve" in text
             lines = text.strip().splitlines()
             shown = lines if not ok else [line for line in lines if line.lower().startswith("usage")][:1] + \
                 [f"... ({len(lines)} lines of help)"]
             report("entrypoint", ok, cmd, "\n".join(shown[-40:]), time.monotonic() - start)
+            cmd = [*entrypoint, "--help=kv-cache-dtype"]
+            result = run(cmd, flags=flags)
+            text = result.stdout + result.stderr
+            dtypes = ("turboquant_k8v4", "turboquant_4bit_nc", "turboquant_k3v4_nc", "turboquant_3bit_nc")
+            ok = result.returncode == 0 and all(d in text for d in dtypes)
+            shown = [line for line in text.splitlines() if "turboquant" in line or "kv-cache-dtype" in line]
+            report("entrypoint kv-cache-dtype choices", ok, cmd,
+                   "\n".join(shown[:6]) if ok else text[-3000:])
 
         for directory in dirs:
             probe = f"{directory}/.tqstack-write-check"
@@ -166,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                    probe, where.stdout + result.stdout + result.stderr + f"(healthcheck: {shlex.join(test)})")
     finally:
         sh([*buildah, "rm", container])
+        sh(["rm", "-rf", workdir])
     print(f"# in-image checks: {'all passed' if not failures else f'{failures} FAILED'}")
     return 1 if failures else 0
 

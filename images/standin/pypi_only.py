@@ -27,11 +27,12 @@ RULES = [
     ("intel-oneccl",
      None, "oneCCL 2021.15.9 offline installer from GitHub releases"),
     ("requirements-xpu-torch.txt",
-     "python3.12 -m venv /opt/venv && /opt/venv/bin/pip install --require-hashes --only-binary=:all: "
+     "python3.12 -m venv /opt/venv && /opt/venv/bin/pip install --require-hashes --only-binary=:all: --no-deps "
      "-r /opt/tqstack/images/common/requirements-xpu.lock && rm -rf /opt/vllm-src",
      "XPU torch 2.12.0+xpu, torchaudio, torchvision, triton-xpu 3.7.1, vllm_xpu_kernels 0.1.11.1 (PyTorch XPU "
      "index, GitHub), hence the VLLM_TARGET_DEVICE=xpu build of vLLM from the sdist and install-vllm.sh's "
-     "vLLM check; the PyPI part, requirements-xpu.lock (hash-checked), is installed"),
+     "vLLM check; the PyPI part, requirements-xpu.lock (hash-checked), is installed with --no-deps, since "
+     "its torch-dependent pins (auto-round-lib, ...) would otherwise pull PyPI's CUDA torch"),
     ("apply-patches.sh", None, "apply-patches.sh (no vLLM installed without the XPU build)"),
     ("verify.py", None, "verify.py at build time (no vLLM installed without the XPU build)"),
 ]
