@@ -14,6 +14,8 @@ one `ok`/`FAIL` line per check with the command it ran, removes the container, e
                 driver's libraries: images/standin/nvml-stub.c (one GPU of the image's io.tqstack.cuda-arch)
                 and a libcuda.so.1 generated from the cu* symbols the image's libraries import, each
                 returning CUDA_ERROR_NO_DEVICE. Nothing runs on a GPU; this proves the CLI and its imports.
+                In a CPU-torch test build (torch "+cpu") the CUDA vLLM wheel's platform cannot load, so
+                the check is that the ENTRYPOINT's program is on PATH and the vLLM CLI modules import.
   * cache dirs  every directory the compose files for this image mount or point a cache variable at
                 (HF_HOME, VLLM_CACHE_ROOT, TRITON_CACHE_DIR), and $HOME, ~/.cache, ~/.nv, exists in the
                 image and the user can create a file in it (a named volume starts as a copy of the
@@ -172,7 +174,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"       (series in the image: {series.stdout.strip()} patches, sha256 {series_sha or 'unlabelled'})")
 
         cmd = [*entrypoint, "--help"]
-        if "entrypoint" not in args.skip:
+        torch_version = run(["python", "-c", "import importlib.metadata as m; print(m.version('torch'))"])
+        cpu_torch = "+cpu" in torch_version.stdout
+        if "entrypoint" not in args.skip and cpu_torch:
+            # The CPU-torch test build (TQSTACK_TORCH_SOURCE=cpu) carries PyPI's CUDA vLLM wheel without the
+            # CUDA runtime: its platform cannot load, so `vllm serve --help` is left to the full builds.
+            # Here: the ENTRYPOINT's program is on the user's PATH and its CLI modules import.
+            cmd = ["sh", "-c", f"command -v {entrypoint[0]} && python -c 'import vllm.entrypoints.cli.main, "
+                               "vllm.entrypoints.cli.serve; print(\"vllm CLI imports\")'"]
+            result = run(cmd)
+            report(f"entrypoint resolves and imports (torch {torch_version.stdout.strip()}: "
+                   f"`{shlex.join([*entrypoint, '--help'])}` needs the CUDA torch, run in the full builds)",
+                   result.returncode == 0 and "vllm CLI imports" in result.stdout, cmd,
+                   "\n".join(line for line in (result.stdout + result.stderr[-2000:]).splitlines()
+                             if not line.startswith("INFO")))
+        if "entrypoint" not in args.skip and not cpu_torch:
             flags: list[str] = []
             envs = dict(e.split("=", 1) for e in config.get("Env") or [] if "=" in e)
             if "NVIDIA_VISIBLE_DEVICES" in envs:
