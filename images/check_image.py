@@ -180,8 +180,9 @@ def main(argv: list[str] | None = None) -> int:
             # The CPU-torch test build (TQSTACK_TORCH_SOURCE=cpu) carries PyPI's CUDA vLLM wheel without the
             # CUDA runtime: its platform cannot load, so `vllm serve --help` is left to the full builds.
             # Here: the ENTRYPOINT's program is on the user's PATH and its CLI modules import.
-            cmd = ["sh", "-c", f"command -v {entrypoint[0]} && python -c 'import vllm.entrypoints.cli.main, "
-                               "vllm.entrypoints.cli.serve; print(\"vllm CLI imports\")'"]
+            # what the console script itself imports (bin/vllm: from vllm.entrypoints.cli.main import main)
+            cmd = ["sh", "-c", f"command -v {entrypoint[0]} && python -c 'from vllm.entrypoints.cli.main import main; "
+                               "print(\"vllm CLI imports\")'"]
             result = run(cmd)
             report(f"entrypoint resolves and imports (torch {torch_version.stdout.strip()}: "
                    f"`{shlex.join([*entrypoint, '--help'])}` needs the CUDA torch, run in the full builds)",
