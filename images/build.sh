@@ -61,7 +61,7 @@ bash "$here/standin/tools.sh"
 # Trimmed log: pip's per-file download/progress lines and apt's per-package unpack lines are dropped;
 # every step, its other output and its result are kept.
 trim() {
-  grep --line-buffered -v -E '^\s*(Downloading|Using cached|Collecting|Obtaining|Saved) |━|^\s*[0-9.]+ [kMG]?B [0-9.]+ [kMG]?B/s|^(Get:[0-9]+|Selecting previously unselected|Preparing to unpack|Unpacking|Setting up|Copying blob) ' || true
+  grep --line-buffered -v -E '^\s*(Downloading|Using cached|Collecting|Obtaining|Saved) |━|^\s*[0-9.]+ [kMG]?B [0-9.]+ [kMG]?B/s|^(Get:[0-9]+|Selecting previously unselected|Preparing to unpack|Unpacking|Setting up|Copying blob) |^\(Reading database' || true
 }
 say() { echo "$*" | tee -a "$full_log" >>"$log"; }
 : >"$log"; : >"$full_log"
