@@ -21,6 +21,9 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 venv="" lock="" python="python3" torch_source="lock" vllm_wheel_dir="" wheelhouse=""
 CPU_TORCH_VERSION="${CPU_TORCH_VERSION:-2.13.0}"
+# In an image build (TQSTACK_TORCH_SOURCE=cpu) the CPU torch and the vLLM wheel sit in cpu-wheels/ here.
+cpu_wheels="$here/cpu-wheels"
+if [[ -d "$cpu_wheels" ]]; then CPU_TORCH_FIND_LINKS="${CPU_TORCH_FIND_LINKS:-$cpu_wheels}"; fi
 CPU_TORCH_FIND_LINKS="${CPU_TORCH_FIND_LINKS:-/opt/wheels}"
 # Packages that only make sense with CUDA (or that pin the CUDA torch ABI); skipped in cpu mode.
 GPU_ONLY_RE='^(vllm|torch|torchaudio|torchvision|torchcodec|torch-c-dlpack-ext|triton|tokenspeed-triton|tokenspeed-mla|nvidia-.*|cuda-.*|flashinfer-python|fastsafetensors|humming-kernels|pynvvideocodec|quack-kernels|tilelang|z3-solver|nvtx)$'
@@ -42,7 +45,8 @@ done
 [[ -f "$lock" ]] || die "--lock '$lock' is not a file (valid: images/common/requirements-cuda.lock or requirements-xpu.lock)"
 case "$torch_source" in
   lock) ;;
-  cpu) [[ -d "$vllm_wheel_dir" ]] || die "--torch-source cpu needs --vllm-wheel-dir DIR holding the vLLM wheel" ;;
+  cpu) [[ -z "$vllm_wheel_dir" && -d "$cpu_wheels" ]] && vllm_wheel_dir="$cpu_wheels"
+       [[ -d "$vllm_wheel_dir" ]] || die "--torch-source cpu needs --vllm-wheel-dir DIR holding the vLLM wheel" ;;
   *) die "--torch-source '$torch_source' is not valid (valid: lock, cpu)" ;;
 esac
 [[ -z "$wheelhouse" || -d "$wheelhouse" ]] || die "--wheelhouse '$wheelhouse' is not a directory"

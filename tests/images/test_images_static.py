@@ -12,7 +12,8 @@ from conftest import COMMON, REPO, run
 
 IMAGES = {"rtx5060ti": "12.0", "rtx3090": "8.6", "arc-b70": None}  # image -> TORCH_CUDA_ARCH_LIST
 DOCKERFILES = {name: REPO / "images" / name / "Dockerfile" for name in IMAGES}
-SCRIPTS = sorted(COMMON.glob("*.sh"))
+# the recipe, and the buildah build scripts (images/build*.sh, images/standin/)
+SCRIPTS = sorted([*COMMON.glob("*.sh"), *(REPO / "images").glob("*.sh"), *(REPO / "images" / "standin").glob("*.sh")])
 TQ_DTYPES = {"turboquant_k8v4", "turboquant_4bit_nc", "turboquant_k3v4_nc", "turboquant_3bit_nc"}
 
 
@@ -53,7 +54,7 @@ def test_hadolint_really_lints(tmp_path):
     assert {"DL3007", "DL3003"} <= set(re.findall(r"DL\d{4}", result.stdout))
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(REPO / "images")))
 def test_shellcheck_passes(script):
     result = run([tool("shellcheck"), "-x", script.relative_to(REPO)], check=False)
     assert result.returncode == 0, result.stdout + result.stderr
