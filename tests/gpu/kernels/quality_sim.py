@@ -431,9 +431,32 @@ def run(args) -> dict:
     return result
 
 
+def merge(paths: list[str]) -> dict:
+    """Results of runs sharded by model / layer set (run side by side) -> one document."""
+    merged: dict = {}
+    for path in paths:
+        part = json.loads(Path(path).read_text())
+        if not merged:
+            merged = {k: v for k, v in part.items() if k not in ("models", "runtime_s", "host")}
+            merged.update(models={}, shards=[])
+        merged["shards"].append({"file": Path(path).name, "runtime_s": part.get("runtime_s"),
+                                 "host": part.get("host"), "models": sorted(part["models"])})
+        for name, entry in part["models"].items():
+            into = merged["models"].setdefault(name, {"tokens_scored": entry["tokens_scored"],
+                                                      "bf16": entry["bf16"], "runs": []})
+            if abs(into["bf16"]["ppl"] - entry["bf16"]["ppl"]) > 1e-3:
+                raise SystemExit(f"{path}: {name} bf16 ppl {entry['bf16']['ppl']} != {into['bf16']['ppl']}")
+            into["runs"].extend(entry["runs"])
+    # shards ran at the same time: the wall time of the whole is the longest shard
+    merged["runtime_s"] = max(s["runtime_s"] or 0 for s in merged["shards"])
+    merged["cpu_seconds_all_shards"] = round(sum(s["runtime_s"] or 0 for s in merged["shards"]), 1)
+    return merged
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models-dir", required=True, help="folder holding the HF folders <model>/")
+    parser.add_argument("--merge", nargs="+", metavar="JSON", help="merge sharded results into --out and exit")
+    parser.add_argument("--models-dir", help="folder holding the HF folders <model>/")
     parser.add_argument("--out", help="results JSON (rewritten after every run)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--layer-sets", nargs="+", help="labels of MODELS[..]['layer_sets'] (default all)")
@@ -443,6 +466,13 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=3072, help="score the first N ids (default all 3072)")
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1)))
     args = parser.parse_args(argv)
+    if args.merge:
+        if not args.out:
+            parser.error("--merge needs --out")
+        Path(args.out).write_text(json.dumps(merge(args.merge), indent=1) + "\n")
+        return 0
+    if not args.models_dir:
+        parser.error("--models-dir is required")
     run(args)
     return 0
 
