@@ -258,30 +258,44 @@ class Quantizer:
 
 # ----------------------------------------------------------------------------- attention
 
-def mixed_attention(q, k_raw, v_raw, k_cache, v_cache, prefix, scaling, row_block=512):
+def mixed_attention(q, k_raw, v_raw, k_cache, v_cache, prefix, scaling, row_block=256):
     """Causal attention where query i reads keys j < prefix[i] from the cache and the rest raw.
-    q [Hq, N, D] fp32, k/v [N, Hk, D] -> [N, Hq, D] fp32."""
+    q [Hq, N, D] fp32, k/v [N, Hk, D] -> [N, Hq, D] fp32. Per row block only the causal columns
+    are computed, and only the part (cache or raw) some row of the block reads."""
     hq, n, d = q.shape
-    rep = hq // k_raw.shape[1]
+    hk = k_raw.shape[1]
 
     def heads(x):
-        return x.float().permute(1, 0, 2).repeat_interleave(rep, dim=0)  # [Hq, N, D]
+        return x.float().permute(1, 0, 2)[:, None]  # [Hk, 1, N, D]: GQA by broadcasting
 
     kr, vr, kc, vc = heads(k_raw), heads(v_raw), heads(k_cache), heads(v_cache)
+    qg = q.reshape(hk, hq // hk, n, d)
     out = torch.empty(n, hq, d)
-    cols = torch.arange(n)
     for r0 in range(0, n, row_block):
         r1 = min(n, r0 + row_block)
         rows = torch.arange(r0, r1)
-        qb = q[:, r0:r1]
-        from_cache = cols[None, :] < prefix[rows][:, None]  # [R, N]
+        cols = torch.arange(r1)  # causal: no row of the block reads a key past r1 - 1
+        qb = qg[:, :, r0:r1]
+        pre = prefix[r0:r1]
+        from_cache = cols[None, :] < pre[:, None]  # [R, r1]
         causal = cols[None, :] <= rows[:, None]
-        s = torch.where(from_cache, qb @ kc.transpose(1, 2), qb @ kr.transpose(1, 2)) * scaling
-        s = s.masked_fill(~causal, float("-inf"))
+        c_hi = int(pre.max())  # cache columns [0, c_hi), raw columns [r_lo, r1)
+        r_lo = min(int(pre.min()), r1)
+        s = torch.full((hk, hq // hk, r1 - r0, r1), float("-inf"))
+        if c_hi > 0:
+            s[..., :c_hi] = qb @ kc[:, :, :c_hi].transpose(-1, -2)
+        if r_lo < r1:
+            raw = qb @ kr[:, :, r_lo:r1].transpose(-1, -2)
+            s[..., r_lo:] = torch.where(from_cache[:, r_lo:], s[..., r_lo:], raw)
+        s = (s * scaling).masked_fill(~causal, float("-inf"))
         p = torch.softmax(s, dim=-1)
         pc = p * from_cache
-        o = pc @ vc + (p - pc) @ vr
-        out[r0:r1] = o.permute(1, 0, 2)
+        o = torch.zeros(hk, hq // hk, r1 - r0, d)
+        if c_hi > 0:
+            o += pc[..., :c_hi] @ vc[:, :, :c_hi]
+        if r_lo < r1:
+            o += (p - pc)[..., r_lo:] @ vr[:, :, r_lo:r1]
+        out[r0:r1] = o.reshape(hq, r1 - r0, d).permute(1, 0, 2)
     return out
 
 
@@ -408,22 +422,27 @@ def run(args) -> dict:
                 rec["kernel_check"] = SIM.checks[0]
             return rec
 
-        # bf16 K/V: attention is exact in both paths, so one baseline per model serves every row
-        first_label, first_layers = next(iter(layer_sets.items()))
-        base = one(first_label, first_layers, None, "-", "both")
-        entry["bf16"] = {"ppl": base["ppl"], "seconds": base["seconds"]}
-        print(f"{name} bf16 ppl {base['ppl']:.4f} ({base['seconds']} s)", flush=True)
-        flush()
+        # bf16 K/V: attention is exact in both paths, so one baseline per layer set serves both
+        # (the set matters a little: its layers' keys/values are rounded to bf16)
+        entry.setdefault("bf16", {})
+        for label, layers in layer_sets.items():
+            if args.skip_baseline:
+                break  # a shard beside one that scores it: --merge computes the deltas
+            base = one(label, layers, None, "-", "both")
+            entry["bf16"][label] = {"ppl": base["ppl"], "seconds": base["seconds"]}
+            print(f"{name} [{label}] bf16 ppl {base['ppl']:.4f} ({base['seconds']} s)", flush=True)
+            flush()
         for preset in args.presets:
             for label, layers in layer_sets.items():
                 for variant in args.variants:
                     for path in args.paths:
                         rec = one(label, layers, preset, variant, path)
-                        rec["ppl_delta_pct"] = round(ppl_delta_pct(rec["ppl"], base["ppl"]), 3)
+                        if label in entry["bf16"]:
+                            rec["ppl_delta_pct"] = round(ppl_delta_pct(rec["ppl"], entry["bf16"][label]["ppl"]), 3)
                         entry["runs"].append(rec)
                         kc = rec.get("kernel_check", {})
                         print(f"{name} [{label}] {preset} {variant} {path}: ppl {rec['ppl']:.4f} "
-                              f"({rec['ppl_delta_pct']:+.2f} %), {rec['seconds']} s, store bytes differing k/v "
+                              f"({rec.get('ppl_delta_pct', float('nan')):+.2f} %), {rec['seconds']} s, store bytes differing k/v "
                               f"{kc.get('store_key_bytes_differing')}/{kc.get('store_value_bytes_differing')}", flush=True)
                         flush()
         del model
@@ -432,7 +451,8 @@ def run(args) -> dict:
 
 
 def merge(paths: list[str]) -> dict:
-    """Results of runs sharded by model / layer set (run side by side) -> one document."""
+    """Results of runs sharded by model / layer set / preset (run side by side) -> one document,
+    every run's ppl_delta_pct against the bf16 baseline of its model and layer set."""
     merged: dict = {}
     for path in paths:
         part = json.loads(Path(path).read_text())
@@ -442,14 +462,28 @@ def merge(paths: list[str]) -> dict:
         merged["shards"].append({"file": Path(path).name, "runtime_s": part.get("runtime_s"),
                                  "host": part.get("host"), "models": sorted(part["models"])})
         for name, entry in part["models"].items():
-            into = merged["models"].setdefault(name, {"tokens_scored": entry["tokens_scored"],
-                                                      "bf16": entry["bf16"], "runs": []})
-            if abs(into["bf16"]["ppl"] - entry["bf16"]["ppl"]) > 1e-3:
-                raise SystemExit(f"{path}: {name} bf16 ppl {entry['bf16']['ppl']} != {into['bf16']['ppl']}")
+            into = merged["models"].setdefault(name, {"tokens_scored": entry["tokens_scored"], "bf16": {},
+                                                      "runs": []})
+            bf16 = entry.get("bf16", {})
+            if "ppl" in bf16:  # one baseline for the shard's single layer set
+                labels = {r["layers"] for r in entry["runs"]} or {next(iter(MODELS[name]["layer_sets"]))}
+                if len(labels) != 1:
+                    raise SystemExit(f"{path}: {name}: one baseline for layer sets {sorted(labels)}")
+                bf16 = {labels.pop(): bf16}
+            for label, base in bf16.items():
+                known = into["bf16"].setdefault(label, base)
+                if abs(known["ppl"] - base["ppl"]) > 1e-3:
+                    raise SystemExit(f"{path}: {name} [{label}] bf16 ppl {base['ppl']} != {known['ppl']}")
             into["runs"].extend(entry["runs"])
+    for entry in merged["models"].values():
+        for rec in entry["runs"]:
+            base = entry["bf16"].get(rec["layers"])
+            if base is None:
+                raise SystemExit(f"no bf16 baseline for layers {rec['layers']}")
+            rec["ppl_delta_pct"] = round(ppl_delta_pct(rec["ppl"], base["ppl"]), 3)
     # shards ran at the same time: the wall time of the whole is the longest shard
     merged["runtime_s"] = max(s["runtime_s"] or 0 for s in merged["shards"])
-    merged["cpu_seconds_all_shards"] = round(sum(s["runtime_s"] or 0 for s in merged["shards"]), 1)
+    merged["runtime_s_all_shards"] = round(sum(s["runtime_s"] or 0 for s in merged["shards"]), 1)
     return merged
 
 
@@ -464,6 +498,8 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     parser.add_argument("--paths", nargs="+", default=list(PATH_CHUNKS), choices=list(PATH_CHUNKS))
     parser.add_argument("--tokens", type=int, default=3072, help="score the first N ids (default all 3072)")
+    parser.add_argument("--skip-baseline", action="store_true",
+                        help="no bf16 run (a shard whose baseline another shard scores; see --merge)")
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1)))
     args = parser.parse_args(argv)
     if args.merge:
