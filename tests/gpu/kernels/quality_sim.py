@@ -474,7 +474,9 @@ def merge(paths: list[str]) -> dict:
                 known = into["bf16"].setdefault(label, base)
                 if abs(known["ppl"] - base["ppl"]) > 1e-3:
                     raise SystemExit(f"{path}: {name} [{label}] bf16 ppl {base['ppl']} != {known['ppl']}")
-            into["runs"].extend(entry["runs"])
+            seen = {(r["layers"], r["preset"], r["variant"], r["path"]) for r in into["runs"]}
+            into["runs"].extend(r for r in entry["runs"]
+                                if (r["layers"], r["preset"], r["variant"], r["path"]) not in seen)
     for entry in merged["models"].values():
         for rec in entry["runs"]:
             base = entry["bf16"].get(rec["layers"])
@@ -485,6 +487,22 @@ def merge(paths: list[str]) -> dict:
     merged["runtime_s"] = max(s["runtime_s"] or 0 for s in merged["shards"])
     merged["runtime_s_all_shards"] = round(sum(s["runtime_s"] or 0 for s in merged["shards"]), 1)
     return merged
+
+
+def table(doc: dict) -> str:
+    """Markdown table of a results document: one row per model, layers, preset, variant."""
+    lines = ["| model | layers | preset | variant | prefill ΔPPL % | decode ΔPPL % |", "|---|---|---|---|---|---|"]
+    for name, entry in doc["models"].items():
+        for label, base in entry["bf16"].items():
+            lines.append(f"| {name} | {label} | bf16 | - | ppl {base['ppl']:.4f} | (same) |")
+        rows: dict = {}
+        for r in entry["runs"]:
+            rows.setdefault((r["layers"], r["preset"], r["variant"]), {})[r["path"]] = r.get("ppl_delta_pct")
+        order = {p: i for i, p in enumerate(PRESET_ORDER)}
+        for (label, preset, variant), paths in sorted(rows.items(), key=lambda kv: (kv[0][0], order[kv[0][1]], kv[0][2])):
+            cells = [f"{paths[p]:+.2f}" if paths.get(p) is not None else "not run" for p in PATH_CHUNKS]
+            lines.append(f"| {name} | {label} | {preset.removeprefix('turboquant_')} | {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -505,7 +523,9 @@ def main(argv=None) -> int:
     if args.merge:
         if not args.out:
             parser.error("--merge needs --out")
-        Path(args.out).write_text(json.dumps(merge(args.merge), indent=1) + "\n")
+        doc = merge(args.merge)
+        Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+        print(table(doc))
         return 0
     if not args.models_dir:
         parser.error("--models-dir is required")
