@@ -48,7 +48,7 @@ test: test-docs
 .PHONY: test-gpu-scripts
 test-gpu-scripts: venv patches-trees $(VLLM_VENV)/.installed
 	$(VPY) -m pytest -q tests/gpu/stacks tests/gpu/bench tests/gpu/test_real_weights.py tests/gpu/test_speed.py tests/gpu/test_mm_prefix_probe.py
-	PYTHONPATH=$(VLLM_PATCHED) $(VLLM_VPY) -m pytest -q -p no:cacheprovider tests/gpu/test_mm_prefix_probe.py
+	PYTHONPATH=$(VLLM_PATCHED) $(VLLM_VPY) -m pytest -q -p no:cacheprovider tests/gpu/test_mm_prefix_probe.py tests/gpu/test_quality_sim.py
 
 # Nothing outside tests/gpu may read a folder beside the repository (a fresh clone has none).
 .PHONY: check-self-contained
