@@ -129,7 +129,12 @@ def bench(port: int, model_dir: Path, length: int, conc: int, out: Path, output_
             "--ignore-eos", "--num-prompts", str(conc), "--max-concurrency", str(conc), "--request-rate", "inf",
             "--save-result", "--save-detailed", "--result-dir", str(out.parent), "--result-filename", out.name,
             "--seed", "0"]
-    subprocess.run(argv, check=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
+    client_log = out.with_suffix(".client.log")
+    with client_log.open("w") as log:  # kept: a failing client must say why
+        done = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, timeout=600)
+    if done.returncode != 0:
+        tail = client_log.read_text(errors="replace").strip().splitlines()[-5:]
+        raise RuntimeError(f"vllm bench serve exited {done.returncode}: " + " | ".join(tail))
     return json.loads(out.read_text())
 
 
@@ -193,7 +198,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[fail] {case}: not healthy after {time.time() - t0:.0f} s", flush=True)
                 continue
             startup_s = time.time() - t0
-            bench(port, model_dir, 512, 1, args.out / "raw" / f"{case.replace('/', '__')}__warmup.json", 16)
+            try:
+                bench(port, model_dir, 512, 1, args.out / "raw" / f"{case.replace('/', '__')}__warmup.json", 16)
+            except (subprocess.SubprocessError, OSError, RuntimeError, ValueError) as error:
+                rec = {**base, "ok": False, "error": f"warm-up request failed: {error}"[:600], "log": log_path.name}
+                with results.open("a") as fh:
+                    fh.write(json.dumps(rec) + "\n")
+                print(f"[fail] {case}: {rec['error']}", flush=True)
+                continue
             for length, conc in args.workloads:
                 if args.deadline_s - (time.time() - start) < 45:
                     print(f"[skip] {case} {length}:{conc}: deadline", flush=True)
@@ -203,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                 raw = args.out / "raw" / f"{case.replace('/', '__')}__{length}x{conc}.json"
                 try:
                     r = bench(port, model_dir, length, conc, raw, args.output_len)
-                except (subprocess.SubprocessError, OSError, ValueError) as error:
+                except (subprocess.SubprocessError, OSError, RuntimeError, ValueError) as error:
                     rec = {**base, "ok": False, "input_len": length, "concurrency": conc, "error": repr(error)[:400]}
                 else:
                     log.flush()
