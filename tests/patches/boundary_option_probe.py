@@ -58,11 +58,11 @@ def help_text(query: str) -> dict:
 
 
 def run_case(case: dict, records: _Records) -> dict:
+    import vllm_kv_probe
     from vllm.engine.arg_utils import EngineArgs
 
     result: dict = {"label": case["label"]}
-    saved = {key: os.environ.get(key) for key in case.get("env", {})}
-    os.environ.update(case.get("env", {}))
+    saved = vllm_kv_probe.set_case_env(case.get("env", {}))
     model_dir = tempfile.mkdtemp(prefix="tq-boundary-")
     shutil.copy(os.path.join(case["config_dir"], "config.json"), model_dir)
     records.lines.clear()
@@ -100,11 +100,7 @@ def run_case(case: dict, records: _Records) -> dict:
     finally:
         result["log"] = list(records.lines)
         shutil.rmtree(model_dir, ignore_errors=True)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        vllm_kv_probe.restore_env(saved)
     return result
 
 

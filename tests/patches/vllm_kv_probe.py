@@ -142,11 +142,25 @@ def _page_bytes_per_token(spec) -> int:
     return replace(spec, block_size=1, page_size_padded=None).real_page_size_bytes
 
 
+def set_case_env(env: dict[str, str]) -> dict[str, str | None]:
+    """Set a case's environment variables; returns what to give restore_env afterwards."""
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    return saved
+
+
+def restore_env(saved: dict[str, str | None]) -> None:
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 def probe_case(case: dict) -> dict:
     from vllm.engine.arg_utils import EngineArgs
 
-    saved_env = {key: os.environ.get(key) for key in case.get("env", {})}
-    os.environ.update(case.get("env", {}))
+    saved_env = set_case_env(case.get("env", {}))
     model_dir = tempfile.mkdtemp(prefix="tq-probe-")
     __import__("atexit").register(__import__("shutil").rmtree, model_dir, True)
     shutil.copy(os.path.join(case["config_dir"], "config.json"), model_dir)
@@ -286,11 +300,7 @@ def probe_case(case: dict) -> dict:
                       traceback=traceback.format_exc()[-3000:])
     finally:
         shutil.rmtree(model_dir, ignore_errors=True)
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        restore_env(saved_env)
     return result
 
 
