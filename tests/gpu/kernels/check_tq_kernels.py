@@ -59,11 +59,14 @@ def import_kernels():
 
 
 def make_cache(num_blocks, page, hk, d, preset, device):
-    key_bits, val_bits, _ = ref.PRESETS[preset]
-    kps = d if key_bits == 8 else math.ceil(d * key_bits / 8) + 2
-    slot = kps + math.ceil(d * val_bits / 8) + 4
-    slot += slot % 2
-    return torch.zeros(num_blocks, page, hk, slot, dtype=torch.uint8, device=device), kps
+    return ref.empty_cache(num_blocks, page, hk, preset, d, device)
+
+
+def store_codebook(tq, preset, d, device):
+    """Decision boundaries of the store codebook (FP8 keys: unused, any sorted table)."""
+    key_bits = ref.PRESETS[preset][0]
+    c = tq.tq_codebook(d, 4 if key_bits == 8 else key_bits).to(device)
+    return (c[:-1] + c[1:]) / 2
 
 
 def realistic_keys(n, hk, d, device, dtype, gen):
@@ -76,13 +79,13 @@ def realistic_keys(n, hk, d, device, dtype, gen):
     return k.to(dtype), v.to(dtype)
 
 
-def store_request(tq, cache, side, keys, values, block_row, preset, Pi_T, centroids, kps, chunk):
+def store_request(tq, cache, side, keys, values, block_row, preset, Pi_T, chunk):
     """Store one request chunk by chunk through the anchor + store kernels."""
     key_bits, val_bits, nc = ref.PRESETS[preset]
     device = keys.device
     page = cache.shape[1]
     n = keys.shape[0]
-    midpoints = (centroids[:-1] + centroids[1:]) / 2
+    midpoints = store_codebook(tq, preset, keys.shape[-1], device)
     bt = block_row[None, :].to(torch.int32)
     for start in range(0, n, chunk):
         end = min(n, start + chunk)
@@ -94,20 +97,18 @@ def store_request(tq, cache, side, keys, values, block_row, preset, Pi_T, centro
         centre = side[blk, :, tq.ANCHOR_MU]
         pos = torch.arange(start, end, device=device)
         slots = (block_row[pos // page].long() * page + pos % page).to(torch.int64)
-        tq.tq_store(k, v, cache, slots, centre, Pi_T, centroids, midpoints,
-                    mse_bits=0 if key_bits == 8 else key_bits, key_packed_size=kps,
-                    value_quant_bits=val_bits, key_fp8=key_bits == 8, norm_correction=nc)
+        tq.tq_store(k, v, cache, slots, centre, Pi_T, midpoints, key_bits=key_bits,
+                    value_quant_bits=val_bits, norm_correction=nc)
 
 
-def check_case(tq, get_centroids, preset, d, hq, hk, seq_lens, page, device, dtype, gen, splits=32):
+def check_case(tq, preset, d, hq, hk, seq_lens, page, device, dtype, gen, splits=32):
     key_bits, val_bits, nc = ref.PRESETS[preset]
     B = len(seq_lens)
     blocks_per = [math.ceil(s / page) for s in seq_lens]
     num_blocks = sum(blocks_per) + 3
-    cache, kps = make_cache(num_blocks, page, hk, d, preset, device)
+    cache = make_cache(num_blocks, page, hk, d, preset, device)
     side = torch.zeros(num_blocks, hk, 3, d, dtype=dtype, device=device)
     Pi, Pi_T = tq.tq_rotation(d, device)
-    centroids = get_centroids(d, val_bits if key_bits == 8 else key_bits).float().to(device)
     perm = torch.randperm(num_blocks - 1, generator=torch.Generator().manual_seed(1)) + 1
     bt = torch.zeros(B, max(blocks_per), dtype=torch.int32, device=device)
     kv = []
@@ -117,18 +118,17 @@ def check_case(tq, get_centroids, preset, d, hq, hk, seq_lens, page, device, dty
         used += blocks_per[b]
         bt[b, : blocks_per[b]] = row.to(torch.int32)
         keys, values = realistic_keys(s, hk, d, device, dtype, gen)
-        store_request(tq, cache, side, keys, values, row, preset, Pi_T, centroids, kps, chunk=max(1, s // 3))
+        store_request(tq, cache, side, keys, values, row, preset, Pi_T, chunk=max(1, s // 3))
         kv.append((keys, values))
     q = torch.randn(B, hq, d, device=device, dtype=dtype, generator=gen)
     scale = 1.0 / math.sqrt(d)
     seq_t = torch.tensor(seq_lens, dtype=torch.int32, device=device)
     out = torch.full((B, hq, d), float("nan"), dtype=dtype, device=device)
-    tq.tq_decode(q, cache, side, bt, seq_t, Pi_T, centroids, scale, key_bits, kps, val_bits,
-                 num_splits=splits, output=out)
+    tq.tq_decode(q, cache, side, bt, seq_t, Pi_T, scale, key_bits, val_bits, num_splits=splits, output=out)
     errs, quant_errs, deq_errs = [], [], []
     sink_exact = True
     for b, s in enumerate(seq_lens):
-        k_ref, v_ref = ref.dequantize_tokens(cache, bt[b], s, preset, centroids, Pi, side)
+        k_ref, v_ref = ref.dequantize_tokens(cache, bt[b], s, preset, Pi, side)
         o_ref = ref.attention(q[b], k_ref, v_ref, scale)
         errs.append(ref.relative_error(out[b], o_ref))
         keys, values = kv[b]
@@ -140,8 +140,7 @@ def check_case(tq, get_centroids, preset, d, hq, hk, seq_lens, page, device, dty
         v_buf = torch.empty_like(k_buf)
         k_deq = torch.full((s, hk, d), float("nan"), dtype=torch.float32, device=device)
         v_deq = torch.full_like(k_deq, float("nan"))
-        tq.tq_dequant_request(cache, bt[b], side, s, Pi, centroids, key_bits, kps, val_bits, k_buf, v_buf,
-                              k_deq, v_deq)
+        tq.tq_dequant_request(cache, bt[b], side, s, Pi, key_bits, val_bits, k_buf, v_buf, k_deq, v_deq)
         nan_free_deq = bool(torch.isfinite(k_deq).all() and torch.isfinite(v_deq).all())
         sink_exact &= nan_free_deq
         deq_errs.append(max(ref.relative_error(k_deq, k_ref), ref.relative_error(v_deq, v_ref)))
@@ -156,7 +155,7 @@ def check_case(tq, get_centroids, preset, d, hq, hk, seq_lens, page, device, dty
     }
 
 
-def anchor_gain(tq, get_centroids, preset, d, seq_len, device, dtype, gen, trials=4):
+def anchor_gain(tq, preset, d, seq_len, device, dtype, gen, trials=4):
     """Attention error against exact attention (fp64, original K/V), with and without
     anchors, on keys with a shared per-channel offset and a dominant first token;
     queries lean towards the sink, as in real attention."""
@@ -164,8 +163,7 @@ def anchor_gain(tq, get_centroids, preset, d, seq_len, device, dtype, gen, trial
     page, hk, hq = 16, 1, 4
     blocks = math.ceil(seq_len / page)
     Pi, Pi_T = tq.tq_rotation(d, device)
-    centroids = get_centroids(d, val_bits if key_bits == 8 else key_bits).float().to(device)
-    midpoints = (centroids[:-1] + centroids[1:]) / 2
+    midpoints = store_codebook(tq, preset, d, device)
     row = torch.arange(1, blocks + 1, device=device)
     bt = row[None].to(torch.int32)
     seq = torch.tensor([seq_len], dtype=torch.int32, device=device)
@@ -175,18 +173,17 @@ def anchor_gain(tq, get_centroids, preset, d, seq_len, device, dtype, gen, trial
         q = (0.0012 * keys[0].float() + torch.randn(hq, d, device=device, generator=gen)).to(dtype)[None]
         exact = ref.attention(q[0], keys.double(), values.double(), 1 / math.sqrt(d))
         for mode in errs:
-            cache, kps = make_cache(blocks + 1, page, hk, d, preset, device)
+            cache = make_cache(blocks + 1, page, hk, d, preset, device)
             side = torch.zeros(blocks + 1, hk, 3, d, dtype=dtype, device=device)
             if mode == "anchored":
-                store_request(tq, cache, side, keys, values, row, preset, Pi_T, centroids, kps, chunk=seq_len)
+                store_request(tq, cache, side, keys, values, row, preset, Pi_T, chunk=seq_len)
             else:
                 slots = (row[torch.arange(seq_len, device=device) // page] * page
                          + torch.arange(seq_len, device=device) % page)
-                tq.tq_store(keys, values, cache, slots, None, Pi_T, centroids, midpoints,
-                            mse_bits=0 if key_bits == 8 else key_bits, key_packed_size=kps,
-                            value_quant_bits=val_bits, key_fp8=key_bits == 8, norm_correction=nc)
-            out = tq.tq_decode(q, cache, side if mode == "anchored" else None, bt, seq, Pi_T, centroids,
-                               1 / math.sqrt(d), key_bits, kps, val_bits, num_splits=4)
+                tq.tq_store(keys, values, cache, slots, None, Pi_T, midpoints, key_bits=key_bits,
+                            value_quant_bits=val_bits, norm_correction=nc)
+            out = tq.tq_decode(q, cache, side if mode == "anchored" else None, bt, seq, Pi_T,
+                               1 / math.sqrt(d), key_bits, val_bits, num_splits=4)
             errs[mode].append(ref.relative_error(out[0], exact))
     return {"kind": "anchor_gain", "preset": preset, "head_dim": d, "seq_len": seq_len,
             "attention_rel_err_anchored": sum(errs["anchored"]) / trials,
@@ -220,7 +217,7 @@ def prefill_check(tq, d, hq, hk, q_lens, k_lens, device, dtype, gen):
             "k_lens": k_lens, "rel_err_max": max(errs), "tol": DECODE_TOL, "ok": max(errs) <= DECODE_TOL}
 
 
-def tp_split_check(tq, get_centroids, preset, d, hq, hk, tp, seq_len, device, dtype, gen):
+def tp_split_check(tq, preset, d, hq, hk, tp, seq_len, device, dtype, gen):
     """Tensor parallelism: each rank holds hk/tp KV heads with their query heads, its own cache and
     anchors. Decoding every rank's shard and concatenating must equal the unsharded decode."""
     key_bits, val_bits, nc = ref.PRESETS[preset]
@@ -230,15 +227,14 @@ def tp_split_check(tq, get_centroids, preset, d, hq, hk, tp, seq_len, device, dt
     bt = row[None].to(torch.int32)
     seq = torch.tensor([seq_len], dtype=torch.int32, device=device)
     Pi, Pi_T = tq.tq_rotation(d, device)
-    centroids = get_centroids(d, val_bits if key_bits == 8 else key_bits).float().to(device)
     keys, values = realistic_keys(seq_len, hk, d, device, dtype, gen)
     q = torch.randn(1, hq, d, device=device, generator=gen).to(dtype)
 
     def decode(k, v, qq):
-        cache, kps = make_cache(blocks + 1, page, k.shape[1], d, preset, device)
+        cache = make_cache(blocks + 1, page, k.shape[1], d, preset, device)
         side = torch.zeros(blocks + 1, k.shape[1], 3, d, dtype=dtype, device=device)
-        store_request(tq, cache, side, k, v, row, preset, Pi_T, centroids, kps, chunk=max(1, seq_len // 2))
-        return tq.tq_decode(qq, cache, side, bt, seq, Pi_T, centroids, d ** -0.5, key_bits, kps, val_bits, 8)
+        store_request(tq, cache, side, k, v, row, preset, Pi_T, chunk=max(1, seq_len // 2))
+        return tq.tq_decode(qq, cache, side, bt, seq, Pi_T, d ** -0.5, key_bits, val_bits, 8)
 
     full = decode(keys, values, q)
     hk_r, hq_r = hk // tp, hq // tp
@@ -252,7 +248,7 @@ def tp_split_check(tq, get_centroids, preset, d, hq, hk, tp, seq_len, device, dt
             "max_abs_diff": diff, "rel_err": rel, "identical": diff == 0.0, "ok": rel <= DECODE_TOL}
 
 
-def run_checks(tq, get_centroids, device, out_rows):
+def run_checks(tq, device, out_rows):
     gen = torch.Generator(device=device).manual_seed(0)
     dtype = torch.bfloat16 if not INTERPRET else torch.float16
     if INTERPRET:
@@ -263,7 +259,7 @@ def run_checks(tq, get_centroids, device, out_rows):
     ok = True
     for preset in ref.PRESETS:
         for d, hq, hk, seqs, page in shapes:
-            row = check_case(tq, get_centroids, preset, d, hq, hk, seqs, page, device, dtype, gen)
+            row = check_case(tq, preset, d, hq, hk, seqs, page, device, dtype, gen)
             row["kind"] = "correctness"
             out_rows.append(row)
             ok &= row["ok"]
@@ -283,14 +279,14 @@ def run_checks(tq, get_centroids, device, out_rows):
             out_rows.append({"kind": "prefill", "skipped": f"needs a full vLLM install: {error}"})
             print(f"prefill checks skipped: {error}", flush=True)
     for preset in ("turboquant_4bit_nc", "turboquant_k8v4"):
-        row = tp_split_check(tq, get_centroids, preset, 64 if INTERPRET else 512, 8, 4, 4 if not INTERPRET else 2,
+        row = tp_split_check(tq, preset, 64 if INTERPRET else 512, 8, 4, 4 if not INTERPRET else 2,
                              40 if INTERPRET else 3000, device, dtype, gen)
         out_rows.append(row)
         ok &= row["ok"]
         print(f"{preset:20s} TP={row['tp']} shards vs unsharded: max |diff| {row['max_abs_diff']:.1e} "
               f"-> {'ok' if row['ok'] else 'FAIL'}", flush=True)
     for preset in ref.PRESETS:
-        gain = anchor_gain(tq, get_centroids, preset, 256, 64 if INTERPRET else 2048, device, dtype, gen)
+        gain = anchor_gain(tq, preset, 256, 64 if INTERPRET else 2048, device, dtype, gen)
         out_rows.append(gain)
         print(f"{preset:20s} attention error vs exact: anchored {gain['attention_rel_err_anchored']:.4f}, "
               f"without anchors {gain['attention_rel_err_plain']:.4f}", flush=True)
@@ -354,29 +350,30 @@ def bench(tq, upstream, get_centroids, device, out_rows, quick, presets, tile_sw
         del kb, vb
         for preset in presets:
             key_bits, val_bits, nc = ref.PRESETS[preset]
-            cache, kps = make_cache(blocks + 1, page, hk, d, preset, device)
-            cache.random_(0, 256)
-            # finite fp16 scales in every slot
-            mse = d if key_bits == 8 else math.ceil(d * key_bits / 8)
-            if key_bits == 8:
-                cache[..., :d] = torch.randint(0, 0x7E, cache[..., :d].shape, device=device, dtype=torch.uint8)
-            else:
-                cache[..., mse : mse + 2] = torch.tensor([0x00, 0x3C], dtype=torch.uint8, device=device)
-            vb_off = kps + math.ceil(d * val_bits / 8)
-            cache[..., vb_off : vb_off + 4] = torch.tensor([0x00, 0x20, 0x00, 0x30], dtype=torch.uint8, device=device)
+            cache = make_cache(blocks + 1, page, hk, d, preset, device)
+            kps = d if key_bits == 8 else d * key_bits // 8 + 2  # upstream's slot: key bytes + fp16 norm
+            lay = ref.layout(preset, d, page)
+            reg = ref.regions(cache)
+            reg.random_(0, 256)
+            if key_bits == 8:  # finite FP8 keys
+                reg[..., : lay["val_off"]] = torch.randint(0, 0x7E, reg[..., : lay["val_off"]].shape,
+                                                           device=device, dtype=torch.uint8)
+            # finite fp16 scales and zeros in every region (tqstack's format; upstream reads other bytes)
+            meta = reg[..., lay["val_scale_off"]:]
+            meta.copy_(torch.tensor([0x00, 0x20], dtype=torch.uint8, device=device).repeat(meta.shape[-1] // 2))
             side = torch.randn(blocks + 1, hk, 3, d, device=device, dtype=torch.bfloat16, generator=gen)
             Pi, Pi_T = tq.tq_rotation(d, device)
-            centroids = get_centroids(d, val_bits if key_bits == 8 else key_bits).float().to(device)
+            centroids = get_centroids(d, val_bits if key_bits == 8 else key_bits).float().to(device)  # upstream
             mid_o = torch.empty(b, hq, splits, d, device=device, dtype=torch.float32)
             mid_l = torch.empty(b, hq, splits, device=device, dtype=torch.float32)
             out = torch.empty(b, hq, d, device=device, dtype=torch.bfloat16)
-            fn_new = lambda: tq.tq_decode(q, cache, side, bt, seq, Pi_T, centroids, scale, key_bits, kps,  # noqa: E731
+            fn_new = lambda: tq.tq_decode(q, cache, side, bt, seq, Pi_T, scale, key_bits,  # noqa: E731
                                           val_bits, splits, mid_o, mid_l, out)
             t_new = triton.testing.do_bench(fn_new, warmup=25, rep=100, return_mode="median")
             if preset == "turboquant_4bit_nc" and tile_sweep:
                 # tile shapes around the default, same inputs: what the defaults are chosen from
                 for tile in ((16, 4), (32, 4), (32, 8), (64, 8)):
-                    fn_t = lambda: tq.tq_decode(q, cache, side, bt, seq, Pi_T, centroids, scale, key_bits, kps,  # noqa: E731
+                    fn_t = lambda: tq.tq_decode(q, cache, side, bt, seq, Pi_T, scale, key_bits,  # noqa: E731
                                                 val_bits, splits, mid_o, mid_l, out, tile=tile)
                     try:
                         t_t = triton.testing.do_bench(fn_t, warmup=25, rep=100, return_mode="median")
@@ -424,7 +421,7 @@ def main():
     ok = True
     try:
         if not args.no_check:
-            ok = run_checks(tq, get_centroids, device, rows)
+            ok = run_checks(tq, device, rows)
         if args.bench and not INTERPRET:
             bench(tq, upstream, get_centroids, device, rows, args.quick, args.presets.split(","))
     finally:

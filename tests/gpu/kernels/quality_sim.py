@@ -14,8 +14,8 @@ engine's two paths:
 Per compressed layer and run, the cache is built as the engine builds it:
   * anchors (exact sink = key/value of position 0, centre mu = mean key of positions 1..256 of the
     first chunk) by the real tqstack kernel `tq_write_anchors`, run in Triton's interpreter;
-  * cache bytes by `store_slots`, a torch transcription of tqstack's `tq_store` (3/4-bit Lloyd-Max
-    keys of R(k - mu) with the folded norm scale, or FP8 k - mu; uniform 3/4-bit values). The real
+  * cache bytes by `store_fields`, a torch transcription of tqstack's `tq_store` (3/4-bit keys of
+    R(k - mu) in tqstack's polynomial codebook with the folded norm scale, or FP8 k - mu; uniform 3/4-bit values). The real
     store kernel costs ~0.1 s per (token, KV head) program in the interpreter (SmolLM2 alone would
     take hours per run), so every run also stores a sample of its real keys/values (16 tokens of its
     first compressed layer, every KV head) with the real kernel and records the differing bytes
@@ -62,6 +62,7 @@ MODELS = {
     "gemma3-270m": {"head_dim": 256, "layer_sets": {"5,11": [5, 11], "5,11,17": [5, 11, 17]}},
     "smollm2-135m": {"head_dim": 64, "layer_sets": {"2-27": list(range(2, 28))}},
 }
+CODEBOOK_GAMMA = {4: 0.262655004, 3: 0.49066127}  # tqstack's CODEBOOK_POLY scale (store side)
 PAGE = 16  # tokens per cache block of the simulated cache (the layout does not change the bytes)
 SAMPLE_TOKENS = 8  # tokens per sampled chunk stored by the real kernel for the byte check
 
@@ -93,72 +94,42 @@ def ppl_delta_pct(ppl: float, ppl_ref: float) -> float:
     return (ppl / ppl_ref - 1.0) * 100.0
 
 
-def slot_layout(preset: str, head_dim: int) -> dict:
-    """Byte layout of one (token, KV head) slot, as the backend sizes it."""
-    key_bits, val_bits, norm_correction = ref.PRESETS[preset]
-    mse_bytes = head_dim if key_bits == 8 else math.ceil(head_dim * key_bits / 8)
-    kps = head_dim if key_bits == 8 else mse_bytes + 2
-    val_bytes = math.ceil(head_dim * val_bits / 8)
-    slot = kps + val_bytes + 4
-    slot += slot % 2
-    return {"key_bits": key_bits, "val_bits": val_bits, "norm_correction": norm_correction,
-            "mse_bytes": mse_bytes, "kps": kps, "val_bytes": val_bytes, "slot": slot}
-
-
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """[..., D] integer codes -> [..., ceil(D*bits/8)] uint8, LSB-first (the kernels' packing)."""
-    d = codes.shape[-1]
-    nbytes = math.ceil(d * bits / 8)
-    bit = torch.arange(d) * bits
-    out = torch.zeros(*codes.shape[:-1], nbytes + 1, dtype=torch.int64)
-    c = codes.long() & ((1 << bits) - 1)
-    # a code spans at most two bytes (bits <= 8)
-    out.index_add_(-1, bit // 8, (c << (bit % 8)) & 0xFF)
-    out.index_add_(-1, bit // 8 + 1, c >> (8 - bit % 8))
-    return out[..., :nbytes].to(torch.uint8)
-
-
-def fp16_bytes(x: torch.Tensor) -> torch.Tensor:
-    """[...] float -> [..., 2] uint8, little-endian fp16."""
-    return x.to(torch.float16).contiguous().view(torch.uint8).reshape(*x.shape, 2)
-
-
-def store_slots(key, value, centre, preset, PiT, centroids) -> torch.Tensor:
-    """Transcription of tqstack's tq_store (+ _tq_store_mse / _tq_fused_store_fp8 and the shared
-    value quantizer): key/value [N, Hk, D] model dtype, centre [N, Hk, D] or None
-    -> slot bytes [N, Hk, slot]."""
+def store_fields(key, value, centre, preset, PiT) -> dict:
+    """Transcription of tqstack's tq_store (_tq_store): key/value [N, Hk, D] model dtype, centre
+    [N, Hk, D] or None -> the stored fields of every token (tq_reference.token_fields's form)."""
     n, hk, d = key.shape
-    lay = slot_layout(preset, d)
+    key_bits, val_bits, norm_correction = ref.PRESETS[preset]
     k = key.float()
     if centre is not None:
         k = k - centre.float()
     k = k.reshape(n * hk, d)
-    out = torch.zeros(n * hk, lay["slot"], dtype=torch.uint8)
-    if lay["key_bits"] == 8:
-        out[:, :d] = k.to(torch.float8_e4m3fn).view(torch.uint8)
+    out = {}
+    if key_bits == 8:
+        out["key"] = k.to(torch.float8_e4m3fn).view(torch.uint8)
     else:
         norms = k.norm(dim=1)
         y = (k / (norms[:, None] + 1e-8)) @ PiT
+        gamma = CODEBOOK_GAMMA[key_bits]
+        u = ref.codebook(key_bits).float()
+        centroids = gamma * u / math.sqrt(d)
         midpoints = (centroids[:-1] + centroids[1:]) / 2
         idx = torch.searchsorted(midpoints.contiguous(), y.contiguous(), right=True)  # = the binary search
-        out[:, : lay["mse_bytes"]] = pack_codes(idx, lay["key_bits"])
-        scale = norms
-        if lay["norm_correction"]:
-            c = centroids[idx]
-            scale = scale / torch.sqrt((c * c).sum(dim=1)).clamp_min(1e-12)
-        out[:, lay["mse_bytes"] : lay["mse_bytes"] + 2] = fp16_bytes(scale)
+        out["key"] = ref.pack_codes(idx, key_bits)
+        if norm_correction:
+            c = u[idx]
+            scale = norms / torch.sqrt((c * c).sum(dim=1)).clamp_min(1e-12)
+        else:
+            scale = norms * (gamma / math.sqrt(d))
+        out["key_scale"] = scale.to(torch.float16)
     v = value.reshape(n * hk, d).float()
-    levels = (1 << lay["val_bits"]) - 1
+    levels = (1 << val_bits) - 1
     vmin, vmax = v.min(dim=1).values, v.max(dim=1).values
-    vscale = (vmax - vmin) / float(levels)
-    vscale = torch.where(vscale > 1e-8, vscale, torch.full_like(vscale, 1e-8))
+    vscale = ((vmax - vmin) / float(levels)).clamp_min(1e-8)
     q = ((v - vmin[:, None]) / vscale[:, None] + 0.5).to(torch.int32).clamp(0, levels)
-    o = lay["kps"]
-    out[:, o : o + lay["val_bytes"]] = pack_codes(q, lay["val_bits"])
-    o += lay["val_bytes"]
-    out[:, o : o + 2] = fp16_bytes(vscale)
-    out[:, o + 2 : o + 4] = fp16_bytes(vmin)
-    return out.reshape(n, hk, lay["slot"])
+    out["value"] = ref.pack_codes(q, val_bits)
+    out["val_scale"] = vscale.to(torch.float16)
+    out["val_zero"] = vmin.to(torch.float16)
+    return {name: x.reshape(n, hk, *x.shape[1:]) for name, x in out.items()}
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -173,21 +144,20 @@ def import_kernels():
         if not sources:
             raise SystemExit("set TQ_KERNEL_SOURCES to a patched vLLM tree (or staged kernel sources)")
         stub_vllm.install(Path(sources))
-    from vllm.model_executor.layers.quantization.turboquant.centroids import get_centroids
     from vllm.v1.attention.ops import tqstack_turboquant as tq
 
-    return tq, get_centroids
+    return tq
 
 
 class Quantizer:
-    """One preset at one head size: rotation, centroids, and the cache of one layer."""
+    """One preset at one head size: rotation, codebook, and the cache of one layer."""
 
-    def __init__(self, tq, get_centroids, preset: str, head_dim: int):
+    def __init__(self, tq, preset: str, head_dim: int):
         self.tq, self.preset, self.d = tq, preset, head_dim
-        self.lay = slot_layout(preset, head_dim)
+        self.key_bits, self.val_bits, self.norm_correction = ref.PRESETS[preset]
         self.Pi, self.PiT = tq.tq_rotation(head_dim, "cpu")
-        bits = self.lay["val_bits"] if self.lay["key_bits"] == 8 else self.lay["key_bits"]
-        self.centroids = get_centroids(head_dim, bits).float()
+        c = tq.tq_codebook(head_dim, 4 if self.key_bits == 8 else self.key_bits)
+        self.midpoints = (c[:-1] + c[1:]) / 2
 
     def anchors(self, key, value, first_chunk: int) -> torch.Tensor:
         """Side table [1, Hk, 3, D] written by the real anchor kernel for the first chunk."""
@@ -204,53 +174,56 @@ class Quantizer:
         """Store every token, read every token back (fp64 reference decoder): K, V [N, Hk, D]."""
         n, hk, d = key.shape
         centre = None if side is None else side[0, :, self.tq.ANCHOR_MU][None].expand(n, hk, d)
-        slots = store_slots(key, value, centre, self.preset, self.PiT, self.centroids)
-        cache = self._paged(slots)
+        fields = store_fields(key, value, centre, self.preset, self.PiT)
+        cache = self._paged(fields, n, hk)
         row = torch.arange(cache.shape[0], dtype=torch.int32)
-        k, v = ref.dequantize_tokens(cache, row, n, self.preset, self.centroids, self.Pi, side)
-        return k, v, slots
+        k, v = ref.dequantize_tokens(cache, row, n, self.preset, self.Pi, side)
+        return k, v, fields
 
-    def _paged(self, slots):
-        n, hk, s = slots.shape
-        blocks = math.ceil(n / PAGE)
-        cache = torch.zeros(blocks * PAGE, hk, s, dtype=torch.uint8)
-        cache[:n] = slots
-        return cache.view(blocks, PAGE, hk, s)
+    def _paged(self, fields, n, hk):
+        cache = ref.empty_cache(math.ceil(n / PAGE), PAGE, hk, self.preset, self.d, "cpu")
+        pos = torch.arange(n)
+        ref.write_fields(cache, pos // PAGE, pos % PAGE, self.preset, self.d,
+                         {name: x[:n] for name, x in fields.items()})
+        return cache
 
-    def kernel_check(self, key, value, side, slots, positions: list[int]) -> dict:
+    def kernel_check(self, key, value, side, fields, positions: list[int]) -> dict:
         """Real tq_store on sampled tokens must give the transcription's bytes; the real
         tq_dequant_request must agree with the fp64 decoder on a prefix."""
-        tq, lay = self.tq, self.lay
+        tq = self.tq
         n, hk, d = key.shape
         pos = torch.tensor(positions)
         m = len(positions)
-        cache = torch.zeros(math.ceil(m / PAGE), PAGE, hk, lay["slot"], dtype=torch.uint8)
+        cache = ref.empty_cache(math.ceil(m / PAGE), PAGE, hk, self.preset, d, "cpu")
         centre = None if side is None else side[0, :, tq.ANCHOR_MU][None].expand(m, hk, d).contiguous()
-        midpoints = (self.centroids[:-1] + self.centroids[1:]) / 2
         tq.tq_store(key[pos].contiguous(), value[pos].contiguous(), cache, torch.arange(m), centre,
-                    self.PiT, self.centroids, midpoints,
-                    mse_bits=0 if lay["key_bits"] == 8 else lay["key_bits"], key_packed_size=lay["kps"],
-                    value_quant_bits=lay["val_bits"], key_fp8=lay["key_bits"] == 8,
-                    norm_correction=lay["norm_correction"])
-        kernel = cache.reshape(-1, hk, lay["slot"])[:m]
-        ours = slots[pos]
+                    self.PiT, self.midpoints, key_bits=self.key_bits, value_quant_bits=self.val_bits,
+                    norm_correction=self.norm_correction)
+        slots = torch.arange(m)
+        kernel = ref.token_fields(cache, slots // PAGE, slots % PAGE, self.preset, d)
+        ours = {name: x[pos] for name, x in fields.items()}
+
+        def differing(names):
+            return int(sum((kernel[nm].contiguous().view(torch.uint8) != ours[nm].contiguous().view(torch.uint8)).sum()
+                           for nm in names if nm in ours))
+
         # kernel dequantization of a 32-token prefix against the fp64 decoder
         L = min(32, n)
-        full = self._paged(slots[:L])
+        full = self._paged(fields, L, hk)
         row = torch.arange(full.shape[0], dtype=torch.int32)
         kb = torch.empty(hk, L, d, dtype=torch.float16)
         vb = torch.empty_like(kb)
         kd = torch.empty(L, hk, d, dtype=key.dtype)
         vd = torch.empty_like(kd)
-        tq.tq_dequant_request(full, row, side, L, self.Pi, self.centroids, lay["key_bits"], lay["kps"],
-                              lay["val_bits"], kb, vb, kd, vd)
-        k64, v64 = ref.dequantize_tokens(full, row, L, self.preset, self.centroids, self.Pi, side)
-        kps = lay["kps"]
+        tq.tq_dequant_request(full, row, side, L, self.Pi, self.key_bits, self.val_bits, kb, vb, kd, vd)
+        k64, v64 = ref.dequantize_tokens(full, row, L, self.preset, self.Pi, side)
+        key_diff = differing(["key", "key_scale"])
+        value_diff = differing(["value", "val_scale", "val_zero"])
         return {
             "store_slots": m * hk,
-            "store_slots_identical": int((kernel == ours).all(dim=-1).sum()),
-            "store_key_bytes_differing": int((kernel[..., :kps] != ours[..., :kps]).sum()),
-            "store_value_bytes_differing": int((kernel[..., kps:] != ours[..., kps:]).sum()),
+            "store_fields_identical": key_diff == 0 and value_diff == 0,
+            "store_key_bytes_differing": key_diff,
+            "store_value_bytes_differing": value_diff,
             "dequant_rel_err_k": ref.relative_error(kd, k64),
             "dequant_rel_err_v": ref.relative_error(vd, v64),
         }
@@ -374,7 +347,7 @@ def score(model, ids: torch.Tensor) -> tuple[float, int]:
 def run(args) -> dict:
     from transformers import AutoModelForCausalLM
 
-    tq, get_centroids = import_kernels()
+    tq = import_kernels()
     install_attention()
     torch.set_num_threads(args.threads)
     token_ids = json.loads(TOKEN_IDS.read_text())
@@ -403,7 +376,7 @@ def run(args) -> dict:
         model.eval()
         ids = torch.tensor(token_ids["models"][name]["ppl_ids"][: args.tokens])
         entry = result["models"].setdefault(name, {"tokens_scored": ids.shape[0] - 1, "runs": []})
-        quantizers = {p: Quantizer(tq, get_centroids, p, spec["head_dim"]) for p in args.presets}
+        quantizers = {p: Quantizer(tq, p, spec["head_dim"]) for p in args.presets}
         layer_sets = {k: v for k, v in spec["layer_sets"].items() if not args.layer_sets or k in args.layer_sets}
 
         def one(label, layers, preset, variant, path):
