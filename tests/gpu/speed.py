@@ -41,7 +41,7 @@ import prepare_model  # noqa: E402
 MODELS = {
     # name: (configs/hf folder, extra serve flags)
     "gemma-4-31b": ("gemma-4-31b-it", ["--language-model-only"]),
-    "qwen3.6-27b": ("qwen3.6-27b", ["--gdn-prefill-backend", "triton"]),
+    "qwen3.6-27b": ("qwen3.6-27b", ["--language-model-only", "--gdn-prefill-backend", "triton"]),
 }
 DTYPES = ["auto", "turboquant_4bit_nc", "turboquant_k8v4"]
 KERNELS = ["tqstack", "upstream"]
@@ -121,7 +121,8 @@ def wait_health(port: int, proc: subprocess.Popen, timeout_s: float) -> bool:
     return False
 
 
-def bench(port: int, model_dir: Path, length: int, conc: int, out: Path, output_len: int) -> dict:
+def bench(port: int, model_dir: Path, length: int, conc: int, out: Path, output_len: int, env: dict) -> dict:
+    """`vllm bench serve` from the same site as the server (env carries its PYTHONPATH)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "vllm",
             "--base-url", f"http://127.0.0.1:{port}", "--model", str(model_dir), "--tokenizer", str(model_dir),
@@ -131,7 +132,7 @@ def bench(port: int, model_dir: Path, length: int, conc: int, out: Path, output_
             "--seed", "0"]
     client_log = out.with_suffix(".client.log")
     with client_log.open("w") as log:  # kept: a failing client must say why
-        done = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, timeout=600)
+        done = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, timeout=600, env=env)
     if done.returncode != 0:
         tail = client_log.read_text(errors="replace").strip().splitlines()[-5:]
         raise RuntimeError(f"vllm bench serve exited {done.returncode}: " + " | ".join(tail))
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             startup_s = time.time() - t0
             try:
-                bench(port, model_dir, 512, 1, args.out / "raw" / f"{case.replace('/', '__')}__warmup.json", 16)
+                bench(port, model_dir, 512, 1, args.out / "raw" / f"{case.replace('/', '__')}__warmup.json", 16, env)
             except (subprocess.SubprocessError, OSError, RuntimeError, ValueError) as error:
                 rec = {**base, "ok": False, "error": f"warm-up request failed: {error}"[:600], "log": log_path.name}
                 with results.open("a") as fh:
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                 jit_before = log_path.read_text(errors="replace").count(JIT_MARK)
                 raw = args.out / "raw" / f"{case.replace('/', '__')}__{length}x{conc}.json"
                 try:
-                    r = bench(port, model_dir, length, conc, raw, args.output_len)
+                    r = bench(port, model_dir, length, conc, raw, args.output_len, env)
                 except (subprocess.SubprocessError, OSError, RuntimeError, ValueError) as error:
                     rec = {**base, "ok": False, "input_len": length, "concurrency": conc, "error": repr(error)[:400]}
                 else:

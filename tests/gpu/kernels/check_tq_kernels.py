@@ -11,7 +11,9 @@ tqstack's store kernel (anchors on), then
     (the reference also reads mu + dequant).
 Speed (--bench): per shape (model full layers, context, batch), µs per call of
   upstream's 0.26.0 TurboQuant decode, tqstack's decode, and a bf16 paged Triton
-  decode over the same shape, with achieved bytes/s against a measured copy bandwidth.
+  decode over the same shape, with achieved bytes/s against a measured copy bandwidth
+  (bandwidth_fraction = KV bytes read per second / bytes moved per second by a device copy,
+  read + write; the committed runs 1-4 of 2026-12-03 divided by half the copy rate).
 
   python3 tests/gpu/kernels/check_tq_kernels.py [--bench] [--out results.jsonl]
 
@@ -398,7 +400,7 @@ def bench(tq, upstream, get_centroids, device, out_rows, quick, presets, tile_sw
             rec = {"kind": "speed", "model": name, "num_heads": hq, "num_kv_heads": hk, "head_dim": d,
                    "context": ctx, "batch": b, "page": page, "kv_cache_dtype": kv_dtype, "kernel": kernel,
                    "us_per_call": ms * 1e3, "kv_bytes": nbytes, "achieved_gb_s": nbytes / (ms * 1e-3) / 1e9,
-                   "copy_bandwidth_gb_s": bw / 1e9, "bandwidth_fraction": nbytes / (ms * 1e-3) / (bw / 2),
+                   "copy_bandwidth_gb_s": bw / 1e9, "bandwidth_fraction": nbytes / (ms * 1e-3) / bw,
                    "gpu": torch.cuda.get_device_name(0)}
             out_rows.append(rec)
         line = " ".join(f"{k}/{kern[:3]} {ms * 1e3:7.1f}us" for k, kern, ms, _ in rows)
