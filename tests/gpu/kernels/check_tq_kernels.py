@@ -81,7 +81,7 @@ def realistic_keys(n, hk, d, device, dtype, gen):
     return k.to(dtype), v.to(dtype)
 
 
-def store_request(tq, cache, side, keys, values, block_row, preset, Pi_T, chunk):
+def store_request(tq, cache, side, keys, values, block_row, preset, Pi_T, chunk, fp8_e4b15=None):
     """Store one request chunk by chunk through the anchor + store kernels."""
     key_bits, val_bits, nc = ref.PRESETS[preset]
     device = keys.device
@@ -100,10 +100,10 @@ def store_request(tq, cache, side, keys, values, block_row, preset, Pi_T, chunk)
         pos = torch.arange(start, end, device=device)
         slots = (block_row[pos // page].long() * page + pos % page).to(torch.int64)
         tq.tq_store(k, v, cache, slots, centre, Pi_T, midpoints, key_bits=key_bits,
-                    value_quant_bits=val_bits, norm_correction=nc)
+                    value_quant_bits=val_bits, norm_correction=nc, fp8_e4b15=fp8_e4b15)
 
 
-def check_case(tq, preset, d, hq, hk, seq_lens, page, device, dtype, gen, splits=32):
+def check_case(tq, preset, d, hq, hk, seq_lens, page, device, dtype, gen, splits=32, fp8_e4b15=None):
     key_bits, val_bits, nc = ref.PRESETS[preset]
     B = len(seq_lens)
     blocks_per = [math.ceil(s / page) for s in seq_lens]
@@ -120,13 +120,15 @@ def check_case(tq, preset, d, hq, hk, seq_lens, page, device, dtype, gen, splits
         used += blocks_per[b]
         bt[b, : blocks_per[b]] = row.to(torch.int32)
         keys, values = realistic_keys(s, hk, d, device, dtype, gen)
-        store_request(tq, cache, side, keys, values, row, preset, Pi_T, chunk=max(1, s // 3))
+        store_request(tq, cache, side, keys, values, row, preset, Pi_T, chunk=max(1, s // 3),
+                      fp8_e4b15=fp8_e4b15)
         kv.append((keys, values))
     q = torch.randn(B, hq, d, device=device, dtype=dtype, generator=gen)
     scale = 1.0 / math.sqrt(d)
     seq_t = torch.tensor(seq_lens, dtype=torch.int32, device=device)
     out = torch.full((B, hq, d), float("nan"), dtype=dtype, device=device)
-    tq.tq_decode(q, cache, side, bt, seq_t, Pi_T, scale, key_bits, val_bits, num_splits=splits, output=out)
+    tq.tq_decode(q, cache, side, bt, seq_t, Pi_T, scale, key_bits, val_bits, num_splits=splits, output=out,
+                 fp8_e4b15=fp8_e4b15)
     errs, quant_errs, deq_errs = [], [], []
     sink_exact = True
     for b, s in enumerate(seq_lens):
@@ -142,13 +144,14 @@ def check_case(tq, preset, d, hq, hk, seq_lens, page, device, dtype, gen, splits
         v_buf = torch.empty_like(k_buf)
         k_deq = torch.full((s, hk, d), float("nan"), dtype=torch.float32, device=device)
         v_deq = torch.full_like(k_deq, float("nan"))
-        tq.tq_dequant_request(cache, bt[b], side, s, Pi, key_bits, val_bits, k_buf, v_buf, k_deq, v_deq)
+        tq.tq_dequant_request(cache, bt[b], side, s, Pi, key_bits, val_bits, k_buf, v_buf, k_deq, v_deq,
+                              fp8_e4b15=fp8_e4b15)
         nan_free_deq = bool(torch.isfinite(k_deq).all() and torch.isfinite(v_deq).all())
         sink_exact &= nan_free_deq
         deq_errs.append(max(ref.relative_error(k_deq, k_ref), ref.relative_error(v_deq, v_ref)))
     nan_free = bool(torch.isfinite(out).all())
     return {
-        "preset": preset, "head_dim": d, "num_heads": hq, "num_kv_heads": hk, "seq_lens": seq_lens,
+        "preset": preset, "fp8_e4b15": fp8_e4b15, "head_dim": d, "num_heads": hq, "num_kv_heads": hk, "seq_lens": seq_lens,
         "page": page, "decode_rel_err_max": max(errs), "decode_tol": DECODE_TOL,
         "dequant_rel_err_max": max(deq_errs), "dequant_tol": DEQUANT_TOL,
         "quantization_rel_err_vs_exact_attention": max(quant_errs),
@@ -268,6 +271,20 @@ def run_checks(tq, device, out_rows):
             print(f"{preset:20s} D={d:3d} Hq={hq:2d} Hk={hk} page={page:4d} decode err {row['decode_rel_err_max']:.2e} "
                   f"dequant err {row['dequant_rel_err_max']:.2e} quant-vs-exact {row['quantization_rel_err_vs_exact_attention']:.3f} "
                   f"sink exact {row['sink_exact']} -> {'ok' if row['ok'] else 'FAIL'}", flush=True)
+    # FP8 keys as GPUs before sm_89 store them (e4b15 with a 2^-8 shift): the same bytes as e4m3, so the
+    # same reference; keys with |k - mu| up to ~10 cover e4b15's 1.75 limit without the shift.
+    d, hq, hk, seqs, page = shapes[1]
+    try:
+        row = check_case(tq, "turboquant_k8v4", d, hq, hk, seqs, page, device, dtype, gen, fp8_e4b15=1)
+        row["kind"] = "correctness"
+        out_rows.append(row)
+        ok &= row["ok"]
+        print(f"turboquant_k8v4 as e4b15 (sm < 8.9) D={d}: decode err {row['decode_rel_err_max']:.2e} "
+              f"dequant err {row['dequant_rel_err_max']:.2e} -> {'ok' if row['ok'] else 'FAIL'}", flush=True)
+    except Exception as error:  # a Triton build without e4b15 conversions for this GPU
+        out_rows.append({"kind": "correctness", "preset": "turboquant_k8v4", "fp8_e4b15": 1,
+                         "skipped": repr(error)[:300]})
+        print(f"turboquant_k8v4 as e4b15: skipped ({error!r:.120})", flush=True)
     if not INTERPRET:
         try:
             for d, hq, hk, q_lens, k_lens in [(512, 32, 4, [2048, 300], [2048, 9000]), (256, 24, 4, [700], [5000]),

@@ -54,9 +54,14 @@ sys.path.insert(0, str(HERE))
 import tq_reference as ref  # noqa: E402
 
 TOKEN_IDS = REPO / "tests" / "gpu" / "real_weights" / "token_ids.json"
-PATH_CHUNKS = {"prefill": 256, "decode": 64}  # the GPU lane's --chunk-tokens / --decode-chunk-tokens
+# the GPU lane's --chunk-tokens / --decode-chunk-tokens; decode_self: the decode path with each query's
+# own key and value taken exact (the step's K/V, not read back from the cache)
+PATH_CHUNKS = {"prefill": 256, "decode": 64, "decode_self": 64}
 PRESET_ORDER = ["turboquant_4bit_nc", "turboquant_k3v4_nc", "turboquant_k8v4", "turboquant_3bit_nc"]
-VARIANTS = ["anchors", "no_anchors"]
+# anchors_vrot*: what-if value quantizers, simulated in torch only (not the format the kernels
+# implement): values rotated like keys and coded with the key codebook and a norm-corrected scale,
+# optionally after subtracting a per-request value centre (mean value of positions 1..255).
+VARIANTS = ["anchors", "no_anchors", "anchors_vrot", "anchors_vrot_centre"]
 MODELS = {
     # name: {label: compressed layers}; the GPU run protected boundary layers 0, 1, L-2, L-1
     "gemma3-270m": {"head_dim": 256, "layer_sets": {"5,11": [5, 11], "5,11,17": [5, 11, 17]}},
@@ -83,7 +88,8 @@ def cached_prefix(num_tokens: int, chunk: int, path: str) -> torch.Tensor:
     start = (pos // chunk) * chunk
     if path == "prefill":
         return start
-    return torch.where(start == 0, torch.zeros_like(pos), pos + 1)
+    own = 0 if path == "decode_self" else 1
+    return torch.where(start == 0, torch.zeros_like(pos), pos + own)
 
 
 def perplexity(nll_sum: float, count: int) -> float:
@@ -179,6 +185,22 @@ class Quantizer:
         row = torch.arange(cache.shape[0], dtype=torch.int32)
         k, v = ref.dequantize_tokens(cache, row, n, self.preset, self.Pi, side)
         return k, v, fields
+
+    def rotated_values(self, value, centre: bool) -> torch.Tensor:
+        """What-if value quantizer (fp64 read-back): R(v - c)/|v - c| coded like keys, exact sink."""
+        n, hk, d = value.shape
+        v = value.double()
+        c = v[1:256].mean(0, keepdim=True) if centre else torch.zeros(1, hk, d, dtype=torch.float64)
+        x = (v - c).reshape(n * hk, d)
+        norms = x.norm(dim=1)
+        y = (x / (norms[:, None] + 1e-8)) @ self.PiT.double()
+        u = ref.codebook(self.val_bits)
+        cent = CODEBOOK_GAMMA[self.val_bits] * u / math.sqrt(d)
+        idx = torch.searchsorted(((cent[:-1] + cent[1:]) / 2).contiguous(), y.contiguous(), right=True)
+        scale = (norms / u[idx].norm(dim=1).clamp_min(1e-12)).to(torch.float16).double()
+        out = ((u[idx] * scale[:, None]) @ self.Pi.double()).reshape(n, hk, d) + c
+        out[0] = v[0]
+        return out
 
     def _paged(self, fields, n, hk):
         cache = ref.empty_cache(math.ceil(n / PAGE), PAGE, hk, self.preset, self.d, "cpu")
@@ -279,6 +301,7 @@ class Simulation:
         self.layers: set[int] = set()
         self.quantizer: Quantizer | None = None
         self.anchors = True
+        self.value_mode = ""
         self.path = "prefill"
         self.check_layer: int | None = None
         self.checks: list[dict] = []
@@ -310,6 +333,8 @@ def install_attention():
         else:
             side = SIM.quantizer.anchors(k, v, chunk) if SIM.anchors else None
             kc, vc, slots = SIM.quantizer.roundtrip(k, v, side)
+            if SIM.value_mode:
+                vc = SIM.quantizer.rotated_values(v, centre=SIM.value_mode == "anchors_vrot_centre")
             if SIM.path == "prefill":
                 # the continuation prefill dequantizes into the model dtype
                 kc, vc = kc.to(k.dtype), vc.to(v.dtype)
@@ -382,7 +407,8 @@ def run(args) -> dict:
         def one(label, layers, preset, variant, path):
             SIM.layers = set(layers)
             SIM.quantizer = quantizers[preset] if preset else None
-            SIM.anchors = variant == "anchors"
+            SIM.anchors = variant.startswith("anchors")
+            SIM.value_mode = variant if variant.startswith("anchors_vrot") else ""
             SIM.path = path if path in PATH_CHUNKS else "prefill"  # bf16: the path changes nothing
             SIM.check_layer = min(layers) if preset else None
             SIM.checks = []
