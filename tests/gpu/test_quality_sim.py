@@ -16,6 +16,10 @@ def test_cached_prefix_paths():
     assert qs.cached_prefix(10, 4, "prefill").tolist() == [0, 0, 0, 0, 4, 4, 4, 4, 8, 8]
     # decode: after the first chunk, every key up to the query itself comes from the cache
     assert qs.cached_prefix(10, 4, "decode").tolist() == [0, 0, 0, 0, 5, 6, 7, 8, 9, 10]
+    # what-if paths: the own token exact; the 16 most recent tokens exact
+    assert qs.cached_prefix(10, 4, "decode_self").tolist() == [0, 0, 0, 0, 4, 5, 6, 7, 8, 9]
+    window = qs.cached_prefix(40, 4, "decode_w16").tolist()
+    assert window[:4] == [0, 0, 0, 0] and window[4:16] == [0] * 12 and window[16:19] == [1, 2, 3]
     with pytest.raises(ValueError):
         qs.cached_prefix(10, 4, "both")
 

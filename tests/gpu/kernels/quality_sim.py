@@ -54,9 +54,10 @@ sys.path.insert(0, str(HERE))
 import tq_reference as ref  # noqa: E402
 
 TOKEN_IDS = REPO / "tests" / "gpu" / "real_weights" / "token_ids.json"
-# the GPU lane's --chunk-tokens / --decode-chunk-tokens; decode_self: the decode path with each query's
-# own key and value taken exact (the step's K/V, not read back from the cache)
-PATH_CHUNKS = {"prefill": 256, "decode": 64, "decode_self": 64}
+# the GPU lane's --chunk-tokens / --decode-chunk-tokens. What-if decode paths (not what the kernels do):
+# decode_self takes each query's own key and value exact (the step's K/V); decode_wN keeps the N most
+# recent tokens (the query's own included) exact, as a full-precision recent window would.
+PATH_CHUNKS = {"prefill": 256, "decode": 64, "decode_self": 64, "decode_w16": 64, "decode_w64": 64, "decode_w128": 64}
 PRESET_ORDER = ["turboquant_4bit_nc", "turboquant_k3v4_nc", "turboquant_k8v4", "turboquant_3bit_nc"]
 # anchors_vrot*: what-if value quantizers, simulated in torch only (not the format the kernels
 # implement): values rotated like keys and coded with the key codebook and a norm-corrected scale,
@@ -64,8 +65,11 @@ PRESET_ORDER = ["turboquant_4bit_nc", "turboquant_k3v4_nc", "turboquant_k8v4", "
 VARIANTS = ["anchors", "no_anchors", "anchors_vrot", "anchors_vrot_centre"]
 MODELS = {
     # name: {label: compressed layers}; the GPU run protected boundary layers 0, 1, L-2, L-1
-    "gemma3-270m": {"head_dim": 256, "layer_sets": {"5,11": [5, 11], "5,11,17": [5, 11, 17]}},
-    "smollm2-135m": {"head_dim": 64, "layer_sets": {"2-27": list(range(2, 28))}},
+    # (with --turboquant-boundary-layers N, N = 0 / 1 / 2: Gemma 3 270M compresses full layers
+    # 5,11,17 / 11 / none; SmolLM2-135M, all layers full attention, 0-29 / 1-28 / 2-27)
+    "gemma3-270m": {"head_dim": 256, "layer_sets": {"5,11": [5, 11], "5,11,17": [5, 11, 17], "11": [11]}},
+    "smollm2-135m": {"head_dim": 64, "layer_sets": {"2-27": list(range(2, 28)), "1-28": list(range(1, 29)),
+                                                    "0-29": list(range(0, 30))}},
 }
 CODEBOOK_GAMMA = {4: 0.262655004, 3: 0.49066127}  # tqstack's CODEBOOK_POLY scale (store side)
 PAGE = 16  # tokens per cache block of the simulated cache (the layout does not change the bytes)
@@ -88,6 +92,9 @@ def cached_prefix(num_tokens: int, chunk: int, path: str) -> torch.Tensor:
     start = (pos // chunk) * chunk
     if path == "prefill":
         return start
+    if path.startswith("decode_w"):
+        window = int(path.removeprefix("decode_w"))
+        return torch.where(start == 0, torch.zeros_like(pos), (pos + 1 - window).clamp(min=0))
     own = 0 if path == "decode_self" else 1
     return torch.where(start == 0, torch.zeros_like(pos), pos + own)
 
