@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -97,13 +98,28 @@ def upstream_site(unpatched: Path, dest: Path) -> Path:
     return dest
 
 
-def serve_argv(model_dir: Path, extra: list[str], dtype: str, port: int, max_len: int) -> list[str]:
+BOUNDARY_LINE = re.compile(r"--turboquant-boundary-layers (\d+)\): keeping layers \[([\d, ]*)\]")
+
+
+def boundary_from_log(text: str) -> dict:
+    """The boundary protection the server reported at start-up (patch 0011's config line)."""
+    found = BOUNDARY_LINE.search(text)
+    if not found:
+        return {}
+    return {"turboquant_boundary_layers": int(found.group(1)),
+            "turboquant_bf16_layers": [int(x) for x in found.group(2).replace(" ", "").split(",") if x]}
+
+
+def serve_argv(model_dir: Path, extra: list[str], dtype: str, port: int, max_len: int,
+               boundary_layers: int | None = None) -> list[str]:
+    boundary = (["--turboquant-boundary-layers", str(boundary_layers)]
+                if boundary_layers is not None and dtype.startswith("turboquant_") else [])
     return [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model_dir),
             "--load-format", "dummy", "--dtype", "bfloat16", "--kv-cache-dtype", dtype,
             "--max-model-len", str(max_len), "--max-num-batched-tokens", "2048", "--max-num-seqs", "16",
             "--gpu-memory-utilization", "0.90", "--no-enable-prefix-caching",
             "--compilation-config", json.dumps({"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}),
-            "--host", "127.0.0.1", "--port", str(port), *extra]
+            "--host", "127.0.0.1", "--port", str(port), *boundary, *extra]
 
 
 def wait_health(port: int, proc: subprocess.Popen, timeout_s: float) -> bool:
@@ -149,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workloads", nargs="+", type=parse_workload, default=[(1024, 1), (32768, 1), (32768, 8)])
     ap.add_argument("--output-len", type=int, default=OUTPUT_LEN)
     ap.add_argument("--deadline-s", type=float, default=540)
+    ap.add_argument("--boundary-layers", type=int, default=None,
+                    help="--turboquant-boundary-layers for TurboQuant servers (default: the engine's, 2)")
     ap.add_argument("--min-case-s", type=float, default=120, help="do not start a server with less time left")
     ap.add_argument("--site", type=Path, default=Path("/tmp/site-patched"))
     ap.add_argument("--unpatched-site", type=Path, default=Path("/tmp/site-unpatched"))
@@ -187,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         log_path = args.out / "logs" / (case.replace("/", "__") + ".log")
         log = open(log_path, "w")
         t0 = time.time()
-        proc = subprocess.Popen(serve_argv(model_dir, extra, dtype, port, max_len), env=env, stdout=log,
+        proc = subprocess.Popen(serve_argv(model_dir, extra, dtype, port, max_len, args.boundary_layers), env=env,
+                                stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         base = {"model": model, "kv_cache_dtype": dtype, "kernel": kernel, "output_len": args.output_len,
                 "cuda_graphs": "FULL_DECODE_ONLY", "max_num_batched_tokens": 2048, "gpu": gpu}
@@ -199,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[fail] {case}: not healthy after {time.time() - t0:.0f} s", flush=True)
                 continue
             startup_s = time.time() - t0
+            log.flush()
+            base.update(boundary_from_log(log_path.read_text(errors="replace")))
             try:
                 bench(port, model_dir, 512, 1, args.out / "raw" / f"{case.replace('/', '__')}__warmup.json", 16, env)
             except (subprocess.SubprocessError, OSError, RuntimeError, ValueError) as error:

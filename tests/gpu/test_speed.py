@@ -55,3 +55,14 @@ def test_upstream_kernels_are_the_series_before_the_tqstack_kernels():
     assert "0010-sliding-window-kv-budget.patch" in kept  # every gate fix stays
     with pytest.raises(ValueError, match="not in the series"):
         speed.upstream_series(kept)
+
+
+def test_boundary_setting_is_passed_and_read_back_from_the_startup_log():
+    argv = speed.serve_argv(Path("/m"), [], "turboquant_4bit_nc", 8000, 33088, boundary_layers=1)
+    assert argv[argv.index("--turboquant-boundary-layers") + 1] == "1"
+    assert "--turboquant-boundary-layers" not in speed.serve_argv(Path("/m"), [], "auto", 8000, 33088, 1)
+    line = ("INFO 12-03 14:30:41 [config.py:282] TurboQuant boundary protection (--turboquant-boundary-layers 2): "
+            "keeping layers [5, 11, 53, 59] in the model dtype, the first and last 2 of the TurboQuant-eligible")
+    assert speed.boundary_from_log("x\n" + line) == {"turboquant_boundary_layers": 2,
+                                                     "turboquant_bf16_layers": [5, 11, 53, 59]}
+    assert speed.boundary_from_log("no such line") == {}
