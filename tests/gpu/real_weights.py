@@ -163,13 +163,7 @@ def run_case(spec: dict, record: dict) -> None:
         except Exception as error:  # informative only: the engine start below is the real test
             record["turboquant_supports_head_size"] = f"not checked: {error!r}"
 
-    engine_kwargs = dict(
-        model=spec["model_dir"], dtype="bfloat16", enforce_eager=True, max_model_len=spec["max_model_len"],
-        gpu_memory_utilization=spec["gpu_memory_utilization"], kv_cache_dtype=spec["kv_cache_dtype"],
-        skip_tokenizer_init=True, max_num_seqs=16, seed=0,
-        enable_chunked_prefill=True, max_num_batched_tokens=spec["chunk_tokens"],
-        enable_prefix_caching=False,  # every token's K/V must come from this request's own prefill
-    )
+    engine_kwargs = engine_args(spec)
     record["engine_args"] = {k: v for k, v in engine_kwargs.items() if k != "model"}
     with startup_lock(spec.get("lock_file")):  # one engine profiles GPU memory at a time
         llm = LLM(**engine_kwargs)
@@ -298,11 +292,23 @@ def build_plan(args, token_ids: dict) -> list[dict]:
     return cases
 
 
-def case_env(site: str, boundary_layers: int | None = None) -> dict:
+def engine_args(spec: dict) -> dict:
+    """LLM(...) arguments of a case; the boundary setting is the engine option of patch 0011."""
+    kwargs = dict(
+        model=spec["model_dir"], dtype="bfloat16", enforce_eager=True, max_model_len=spec["max_model_len"],
+        gpu_memory_utilization=spec["gpu_memory_utilization"], kv_cache_dtype=spec["kv_cache_dtype"],
+        skip_tokenizer_init=True, max_num_seqs=16, seed=0,
+        enable_chunked_prefill=True, max_num_batched_tokens=spec["chunk_tokens"],
+        enable_prefix_caching=False,  # every token's K/V must come from this request's own prefill
+    )
+    if spec.get("boundary_layers") is not None and spec["kv_cache_dtype"].startswith("turboquant_"):
+        kwargs["turboquant_boundary_layers"] = spec["boundary_layers"]
+    return kwargs
+
+
+def case_env(site: str) -> dict:
     env = dict(os.environ)
-    env.pop("TQ_BOUNDARY_LAYERS", None)  # only --boundary-layers sets it: records must say what ran
-    if boundary_layers is not None:
-        env["TQ_BOUNDARY_LAYERS"] = str(boundary_layers)
+    env.pop("TQ_BOUNDARY_LAYERS", None)  # the deprecated fallback must not change what a record says ran
     env.update(
         PYTHONPATH=site, PYTHONUNBUFFERED="1",
         VLLM_ENABLE_V1_MULTIPROCESSING="0",  # in-process engine core: the case reads its scheduler
@@ -326,7 +332,7 @@ def run_one(case: dict, timeout_s: float, log_path: pathlib.Path, site: str, scr
     t0 = time.time()
     argv = [sys.executable, str(script or pathlib.Path(__file__).resolve()), "--case", json.dumps(spec)]
     result, text, returncode, timed_out = run_marked_process(
-        argv, case_env(site, case.get("boundary_layers")), log_path, timeout_s, RESULT_MARKER, cwd=REPO)
+        argv, case_env(site), log_path, timeout_s, RESULT_MARKER, cwd=REPO)
     if result is not None:
         record.update(result)
     else:
@@ -368,7 +374,7 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--num-prompts", type=int, default=8)
     parser.add_argument("--timeout-per-case", type=float, default=300)
     parser.add_argument("--min-case-s", type=float, default=60, help="do not start a case with less time left")
-    parser.add_argument("--boundary-layers", type=int, help="TQ_BOUNDARY_LAYERS for the cases (default: unset = the"
+    parser.add_argument("--boundary-layers", type=int, help="--turboquant-boundary-layers for the cases (default: unset = the"
                         " patched default 2); TurboQuant rows get the label <dtype>@b<N>")
     parser.add_argument("--site", default="/tmp/site-patched", help="PYTHONPATH of the case processes")
     parser.add_argument("--models-root", type=pathlib.Path, default=pathlib.Path("/tmp/tqmodels/hf"))

@@ -86,7 +86,9 @@ def test_boundary_variant_is_its_own_row_against_the_same_auto(capsys):
     assert [c["id"] for c in plan][:4] == ["smollm2-135m/auto", "smollm2-135m/auto#decode",
                                            "smollm2-135m/turboquant_4bit_nc@b0",
                                            "smollm2-135m/turboquant_4bit_nc@b0#decode"]
-    assert rw.case_env("/site", 0)["TQ_BOUNDARY_LAYERS"] == "0"
+    tq_case = next(c for c in plan if c["id"] == "smollm2-135m/turboquant_4bit_nc@b0")
+    assert rw.engine_args(tq_case)["turboquant_boundary_layers"] == 0
+    assert "turboquant_boundary_layers" not in rw.engine_args(plan[0])  # auto: no TurboQuant option
     assert "TQ_BOUNDARY_LAYERS" not in rw.case_env("/site")
     records = [record("m", "auto", ppl=10.0, outputs=[[1]]),
                dict(record("m", "turboquant_4bit_nc", ppl=11.0, outputs=[[2]]), label="turboquant_4bit_nc@b0")]
@@ -327,3 +329,19 @@ def test_lane_skips_cases_that_cannot_finish_before_the_deadline(tmp_path):
     assert rw.main(["--out", str(out), "--deadline-s", "30", "--min-case-s", "60"]) == 0
     records = rw.read_records(out / "real_weights.jsonl")
     assert len(records) == 20 and all(r["skipped"] and "before the deadline" in r["error"] for r in records)
+
+
+def test_engine_args_are_options_of_the_patched_engine():
+    """Every LLM(...) argument of a TurboQuant case with a boundary setting is an engine option of the patched
+    vLLM 0.26.0 (read from its source), so a typo cannot silently fall back to a default."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "stacks"))
+    import vllm_cli
+
+    tree = vllm_cli.patched_tree()
+    if tree is None:
+        pytest.fail("build/vllm-0.26.0/patched not found: run `make patches-trees`")
+    options = vllm_cli.serve_options(tree)
+    args = rw.parse_args(["--dry-run", "--models", "smollm2-135m", "--boundary-layers", "1"])
+    case = next(c for c in rw.build_plan(args, rw.load_token_ids(rw.TOKEN_IDS)) if c["kv_cache_dtype"] != "auto")
+    missing = [k for k in rw.engine_args(case) if k != "model" and "--" + k.replace("_", "-") not in options]
+    assert not missing, missing
