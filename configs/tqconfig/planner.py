@@ -152,6 +152,10 @@ class CapacityPlan(BaseModel):
     group_size: int
     num_kv_cache_groups: int
     num_blocks: int
+    # tqstack's TurboQuant anchors (patch 0012: exact sink key/value and key centre per request), one table
+    # per TurboQuant layer beside its cache: num_blocks x KV heads x 3 x head_dim x 2 bytes. vLLM's memory
+    # profile does not count it, so it comes out of the (1 - gpu_memory_utilization) headroom.
+    turboquant_anchor_bytes: int = 0
     page_padding_fraction: float  # bytes lost to padding / bytes allocated per max-length request
     bytes_per_sequence: int  # one max_model_len request
 
@@ -464,6 +468,18 @@ def plan_capacity(
         reasons.append(
             f"TurboQuant on {len(tq_layers)} of {sum(1 for p in by_index if p.kind == 'full_attention' and p.kv_dtype != 'shared')} "
             "cache-owning full-attention layers")
+    # Anchors are sized by the shared block pool (any block can hold a request's position 0), not by the
+    # blocks TurboQuant layers use, and vLLM's profile does not see them: they must fit the headroom.
+    anchor_bytes = sum(num_blocks * p.kv_heads_per_gpu * 3 * p.head_dim * 2
+                       for p in by_index if p.kv_dtype in TURBOQUANT_DTYPES)
+    headroom = gpu_bytes - budget
+    if anchor_bytes:
+        reasons.append(
+            f"TurboQuant anchors {anchor_bytes / GIB:.2f} GiB per GPU beside the KV cache, outside vLLM's memory "
+            f"profile (headroom {headroom / GIB:.2f} GiB)")
+        if not given and anchor_bytes > headroom:
+            fits = False
+            reasons.append("TurboQuant anchors exceed the headroom left by gpu_memory_utilization: lower it")
     padding_fraction = 1.0 - real_bytes / bytes_per_sequence if bytes_per_sequence else 0.0
 
     return CapacityPlan(
@@ -498,6 +514,7 @@ def plan_capacity(
         group_size=group_size,
         num_kv_cache_groups=num_groups,
         num_blocks=num_blocks,
+        turboquant_anchor_bytes=anchor_bytes,
         page_padding_fraction=padding_fraction,
         bytes_per_sequence=bytes_per_sequence,
         max_concurrency=max_concurrency,

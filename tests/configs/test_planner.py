@@ -234,3 +234,17 @@ def test_tiny_fixture_configs_parse(name):
     arch = load_architecture(REPO / "tests/fixtures/tiny-configs" / name / "config.json")
     assert arch.attention_layers and arch.num_layers == len(arch.layer_kinds)
     assert arch.is_hybrid == (name == "tiny_qwen3_5")
+
+
+def test_turboquant_anchor_memory_is_reported_per_gpu():
+    """Anchors: one [num_blocks, KV heads, 3, head_dim] table in the model dtype per TurboQuant layer, beside the
+    KV cache and outside vLLM's memory profile: it must fit the headroom (1 - gpu_memory_utilization)."""
+    plan = _plan("rtx5060ti-x4-gemma4-31b")
+    tq = [p for p in plan.layers if p.kv_dtype == plan.kv_cache_dtype]
+    assert tq and plan.turboquant_anchor_bytes == sum(plan.num_blocks * p.kv_heads_per_gpu * 3 * p.head_dim * 2
+                                                      for p in tq)
+    # sized by the shared block pool (36,466 blocks of which a TurboQuant layer uses a few thousand): 0.83 GiB
+    # per GPU, 18.5 % of the KV cache, inside the 1.6 GiB headroom of a 16 GB card at 0.90
+    assert 0.8 * 2**30 < plan.turboquant_anchor_bytes < (1 - plan.gpu_memory_utilization) * plan.gpu_memory_bytes
+    assert plan.fits and any("TurboQuant anchors 0.83 GiB" in r for r in plan.reasons)
+    assert _plan("rtx5060ti-x4-gemma4-31b", kv_cache_dtype="auto").turboquant_anchor_bytes == 0
