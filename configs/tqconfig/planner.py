@@ -152,9 +152,10 @@ class CapacityPlan(BaseModel):
     group_size: int
     num_kv_cache_groups: int
     num_blocks: int
-    # tqstack's TurboQuant anchors (patch 0012: exact sink key/value and key centre per request), one table
-    # per TurboQuant layer beside its cache: num_blocks x KV heads x 3 x head_dim x 2 bytes. vLLM's memory
-    # profile does not count it, so it comes out of the (1 - gpu_memory_utilization) headroom.
+    # tqstack's TurboQuant anchors (patch 0012: exact sink key/value and key centre per request): one table
+    # per KV-cache tensor holding a TurboQuant layer, num_blocks x KV heads x 3 x head_dim x 2 bytes (an upper
+    # bound: min(TurboQuant layers, group_size) tables). vLLM's memory profile does not count it, so it comes
+    # out of the (1 - gpu_memory_utilization) headroom.
     turboquant_anchor_bytes: int = 0
     page_padding_fraction: float  # bytes lost to padding / bytes allocated per max-length request
     bytes_per_sequence: int  # one max_model_len request
@@ -468,10 +469,13 @@ def plan_capacity(
         reasons.append(
             f"TurboQuant on {len(tq_layers)} of {sum(1 for p in by_index if p.kind == 'full_attention' and p.kv_dtype != 'shared')} "
             "cache-owning full-attention layers")
-    # Anchors are sized by the shared block pool (any block can hold a request's position 0), not by the
-    # blocks TurboQuant layers use, and vLLM's profile does not see them: they must fit the headroom.
-    anchor_bytes = sum(num_blocks * p.kv_heads_per_gpu * 3 * p.head_dim * 2
-                       for p in by_index if p.kv_dtype in TURBOQUANT_DTYPES)
+    # Anchors: one table per KV-cache tensor that holds a TurboQuant layer (layers of different groups share
+    # a tensor, and their block ids never collide, so they share its table), with a row per block of the shared
+    # pool (any block can hold a request's position 0). vLLM's profile does not see them: they must fit the
+    # headroom. vLLM has group_size tensors; the TurboQuant layers occupy at most that many of them.
+    tq_plans = [p for p in by_index if p.kv_dtype in TURBOQUANT_DTYPES]
+    anchor_bytes = (min(len(tq_plans), group_size) * num_blocks
+                    * max(p.kv_heads_per_gpu * 3 * p.head_dim * 2 for p in tq_plans)) if tq_plans else 0
     headroom = gpu_bytes - budget
     if anchor_bytes:
         reasons.append(
