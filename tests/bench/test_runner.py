@@ -144,7 +144,14 @@ def test_ctrl_c_leaves_a_partial_valid_report(vllm_cpu_server, tmp_path):
     while time.monotonic() < deadline and (not requests.exists() or len(requests.read_text().splitlines()) < 4):
         time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
-    output = proc.communicate(timeout=120)[0].decode(errors="replace")
+    t_signal = time.monotonic()
+    try:  # a liveness bound, not a speed target: it exits within a second on an idle machine
+        output = proc.communicate(timeout=300)[0].decode(errors="replace")
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        tail = proc.communicate()[0].decode(errors="replace")[-3000:]
+        pytest.fail(f"tqbench did not exit within 300 s of Ctrl-C; its output ends with:\n{tail}")
+    print(f"exited {time.monotonic() - t_signal:.1f} s after Ctrl-C")
     assert proc.returncode == 130, output
     failures = list(read_jsonl(run_dir / "raw" / "failures.jsonl"))
     assert failures and failures[-1]["kind"] in ("interrupted", "part_error")

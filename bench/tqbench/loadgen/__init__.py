@@ -90,7 +90,11 @@ def run_scenario(ctx: CellContext, settings, scenario, prompts_file: Path, scena
             bar.update(_count_lines(scenario_dir) - bar.n)
         except BaseException:  # Ctrl-C: stop the load generator too, keep what it wrote
             proc.terminate()
-            proc.wait(timeout=30)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # never replace the interrupt by a timeout of our own
+                proc.kill()
+                proc.wait()
             raise
     if proc.returncode != 0:
         tail = (scenario_dir / "locust.log").read_text(errors="replace")[-1500:]
