@@ -257,7 +257,8 @@ def run_checks(tq, device, out_rows):
     gen = torch.Generator(device=device).manual_seed(0)
     dtype = torch.bfloat16 if not INTERPRET else torch.float16
     if INTERPRET:
-        shapes = [(64, 4, 2, [5, 37], 16), (256, 2, 1, [40], 16)]
+        # the last shape runs the default 32-token decode tile at head_dim 256 (pages of 64 tokens)
+        shapes = [(64, 4, 2, [5, 37], 16), (256, 2, 1, [40], 16), (256, 4, 1, [70], 64)]
     else:
         shapes = [(64, 8, 2, [1, 17, 700, 5000], 16), (256, 24, 4, [2, 300, 4100], 16),
                   (256, 8, 1, [2000], 3072), (512, 32, 4, [1, 129, 3000], 128), (512, 8, 1, [2500], 128)]
