@@ -138,7 +138,11 @@ def test_ctrl_c_leaves_a_partial_valid_report(vllm_cpu_server, tmp_path):
     config_path = tmp_path / "long.yaml"
     config_path.write_text(json.dumps(config))  # JSON is valid YAML
     argv[argv.index("ci")] = str(config_path)
-    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # A shell that starts a job in the background without job control (nohup ... &, some CI runners) sets SIGINT
+    # to "ignore", and a Python child then never sees Ctrl-C: give the runner the default disposition, as a
+    # terminal would.
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     requests = run_dir / "raw" / "latency" / "auto" / "long" / "requests.jsonl"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and (not requests.exists() or len(requests.read_text().splitlines()) < 4):
