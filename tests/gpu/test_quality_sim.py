@@ -1,5 +1,4 @@
 """CPU tests of tests/gpu/kernels/quality_sim.py's pure parts (no Triton, no model)."""
-import math
 import sys
 from pathlib import Path
 
