@@ -42,6 +42,19 @@ def test_interpreted_kernels_match_fp64_reference(patched_tree, tmp_path):
         assert r["ok"], r
         assert r["sink_exact"] and r["all_written"], r
         assert r["decode_rel_err_max"] <= 1e-2 and r["dequant_rel_err_max"] <= 2e-3, r
+    # Recent window (patch 0014): every preset at head_dim 64 (window 16), 4bit_nc and k8v4 at 256
+    # with 32-token tiles and a window that is no multiple of the tile (48). Entries whose tags match
+    # are read exactly (the decode matches the reference that takes them, and attention gets closer
+    # to exact attention); another request's row and entries of a rewritten slot change nothing.
+    windows = [r for r in rows if r["kind"] == "recent_window"]
+    assert {(r["preset"], r["head_dim"]) for r in windows} == {
+        (p, 64) for p in ("turboquant_k8v4", "turboquant_4bit_nc", "turboquant_k3v4_nc", "turboquant_3bit_nc")
+    } | {("turboquant_4bit_nc", 256), ("turboquant_k8v4", 256)}
+    for r in windows:
+        assert r["ok"], r
+        assert r["entries_taken"] == r["entries_expected"] > 0, r
+        assert r["other_row_rel_diff"] <= 1e-6 and r["rewritten_slot_rel_diff"] <= 1e-6, r
+        assert r["attention_rel_err_vs_exact_window"] < r["attention_rel_err_vs_exact_no_window"], r
     # Tensor parallelism: every rank's shard (its KV heads, their query heads, its own anchors)
     # decodes to exactly the unsharded result.
     splits = [r for r in rows if r["kind"] == "tp_split"]

@@ -81,8 +81,10 @@ def realistic_keys(n, hk, d, device, dtype, gen):
     return k.to(dtype), v.to(dtype)
 
 
-def store_request(tq, cache, side, keys, values, block_row, preset, Pi_T, chunk, fp8_e4b15=None):
-    """Store one request chunk by chunk through the anchor + store kernels."""
+def store_request(tq, cache, side, keys, values, block_row, preset, Pi_T, chunk, fp8_e4b15=None,
+                  recent=None, row=0):
+    """Store one request chunk by chunk through the anchor + store kernels; with a recent window,
+    as the request in batch row `row` (the rows before it hold empty requests)."""
     key_bits, val_bits, nc = ref.PRESETS[preset]
     device = keys.device
     page = cache.shape[1]
@@ -99,8 +101,13 @@ def store_request(tq, cache, side, keys, values, block_row, preset, Pi_T, chunk,
         centre = side[blk, :, tq.ANCHOR_MU]
         pos = torch.arange(start, end, device=device)
         slots = (block_row[pos // page].long() * page + pos % page).to(torch.int64)
+        window = {}
+        if recent is not None:
+            i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
+            window = dict(recent=recent, token_req=torch.full((end - start,), row, dtype=torch.int32, device=device),
+                          query_start_loc=i32([0] * (row + 1) + [end - start]), seq_lens=i32([0] * row + [end]))
         tq.tq_store(k, v, cache, slots, centre, Pi_T, midpoints, key_bits=key_bits,
-                    value_quant_bits=val_bits, norm_correction=nc, fp8_e4b15=fp8_e4b15)
+                    value_quant_bits=val_bits, norm_correction=nc, fp8_e4b15=fp8_e4b15, **window)
 
 
 def check_case(tq, preset, d, hq, hk, seq_lens, page, device, dtype, gen, splits=32, fp8_e4b15=None):
@@ -158,6 +165,82 @@ def check_case(tq, preset, d, hq, hk, seq_lens, page, device, dtype, gen, splits
         "sink_exact": sink_exact, "all_written": nan_free,
         "ok": nan_free and sink_exact and max(errs) <= DECODE_TOL and max(deq_errs) <= DEQUANT_TOL,
     }
+
+
+def recent_check(tq, preset, d, hq, hk, seq_lens, page, window, device, dtype, gen, splits=32):
+    """Decode with a recent window against the fp64 reference that reads the window's format
+    (tq_reference.apply_recent_window): entries whose tags match are taken exactly; rows of
+    another request, and entries whose slot was rewritten since, are ignored."""
+    key_bits, val_bits, nc = ref.PRESETS[preset]
+    B = len(seq_lens)
+    blocks_per = [math.ceil(s / page) for s in seq_lens]
+    num_blocks = sum(blocks_per) + 3
+    cache = make_cache(num_blocks, page, hk, d, preset, device)
+    side = torch.zeros(num_blocks, hk, 3, d, dtype=dtype, device=device)
+    Pi, Pi_T = tq.tq_rotation(d, device)
+    perm = torch.randperm(num_blocks - 1, generator=torch.Generator().manual_seed(2)) + 1
+    bt = torch.zeros(B, max(blocks_per), dtype=torch.int32, device=device)
+    recent = tq.recent_window_empty(B + 1, window, hk, d, device)
+    kv, used = [], 0
+    for b, s in enumerate(seq_lens):
+        row = perm[used: used + blocks_per[b]].to(device)
+        used += blocks_per[b]
+        bt[b, : blocks_per[b]] = row.to(torch.int32)
+        keys, values = realistic_keys(s, hk, d, device, dtype, gen)
+        store_request(tq, cache, side, keys, values, row, preset, Pi_T, chunk=max(1, s // 3), recent=recent, row=b)
+        kv.append((keys, values))
+    q = torch.randn(B, hq, d, device=device, dtype=dtype, generator=gen)
+    scale = 1.0 / math.sqrt(d)
+    seq_t = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    rows = torch.arange(B, dtype=torch.int32, device=device)
+
+    def decode(q_, bt_, seq_, rows_):
+        return tq.tq_decode(q_, cache, side, bt_, seq_, Pi_T, scale, key_bits, val_bits, num_splits=splits,
+                            recent=None if rows_ is None else recent, recent_rows=rows_)
+
+    out_win, out_plain = decode(q, bt, seq_t, rows), decode(q, bt, seq_t, None)
+    # every request reading the next request's row (the last reads the empty row B): nothing matches
+    out_moved = decode(q, bt, seq_t, rows + 1)
+    errs, gains, taken = [], [], 0
+    for b, s in enumerate(seq_lens):
+        k_deq, v_deq = ref.dequantize_tokens(cache, bt[b], s, preset, Pi, side)
+        k_ref, v_ref, n = ref.apply_recent_window(k_deq, v_deq, cache, bt[b], s, preset, Pi, side,
+                                                  recent.entries, recent.tags, b)
+        taken += n
+        errs.append(ref.relative_error(out_win[b], ref.attention(q[b], k_ref, v_ref, scale)))
+        keys, values = kv[b]
+        exact = ref.attention(q[b], keys.double(), values.double(), scale)
+        gains.append((ref.relative_error(out_win[b], exact), ref.relative_error(out_plain[b], exact)))
+    expected = sum(min(window, s - 1) for s in seq_lens) * hk
+    moved_diff = ref.relative_error(out_moved, out_plain)
+    # Several queries of the last request in one row (a short continuation chunk through the decode
+    # kernel): query j sees lengths s - m + 1 + j, the window holds positions up to s - 1.
+    b, s = B - 1, seq_lens[-1]
+    m = min(4, s)
+    lens = torch.arange(s - m + 1, s + 1, dtype=torch.int32, device=device)
+    q_chunk = torch.randn(m, hq, d, device=device, dtype=dtype, generator=gen)
+    out_chunk = decode(q_chunk, bt[b: b + 1].expand(m, -1), lens, torch.full((m,), b, dtype=torch.int32,
+                                                                               device=device))
+    k_deq, v_deq = ref.dequantize_tokens(cache, bt[b], s, preset, Pi, side)
+    for j in range(m):
+        L = int(lens[j])
+        k_ref, v_ref, _ = ref.apply_recent_window(k_deq[:L], v_deq[:L], cache, bt[b], L, preset, Pi, side,
+                                                  recent.entries, recent.tags, b, ring_len=s)
+        errs.append(ref.relative_error(out_chunk[j], ref.attention(q_chunk[j], k_ref, v_ref, scale)))
+    # Rewrite request 0's slots with other keys, leaving its window entries behind (as when a block is
+    # freed and reused): their slot tags still match, their fingerprints no longer do.
+    s0 = seq_lens[0]
+    keys, values = realistic_keys(s0, hk, d, device, dtype, gen)
+    store_request(tq, cache, side, keys, values, bt[0, : blocks_per[0]].long(), preset, Pi_T, chunk=s0)
+    stale_diff = ref.relative_error(decode(q[:1], bt[:1], seq_t[:1], rows[:1]), decode(q[:1], bt[:1], seq_t[:1], None))
+    ok = (max(errs) <= DECODE_TOL and taken == expected and moved_diff <= 1e-6 and stale_diff <= 1e-6
+          and bool(torch.isfinite(out_win).all()))
+    return {"kind": "recent_window", "preset": preset, "head_dim": d, "num_heads": hq, "num_kv_heads": hk,
+            "seq_lens": seq_lens, "page": page, "window": window, "decode_rel_err_max": max(errs),
+            "decode_tol": DECODE_TOL, "entries_taken": taken, "entries_expected": expected,
+            "other_row_rel_diff": moved_diff, "rewritten_slot_rel_diff": stale_diff,
+            "attention_rel_err_vs_exact_window": max(g[0] for g in gains),
+            "attention_rel_err_vs_exact_no_window": max(g[1] for g in gains), "ok": ok}
 
 
 def anchor_gain(tq, preset, d, seq_len, device, dtype, gen, trials=4):
@@ -298,6 +381,22 @@ def run_checks(tq, device, out_rows):
         except ImportError as error:  # staged sources hold no unified attention: needs a full vLLM
             out_rows.append({"kind": "prefill", "skipped": f"needs a full vLLM install: {error}"})
             print(f"prefill checks skipped: {error}", flush=True)
+    window_shapes = ([(64, 4, 2, [5, 37], 16, 16), (256, 4, 1, [70], 64, 48)] if INTERPRET else
+                     [(64, 8, 2, [1, 17, 700], 16, 128), (256, 24, 4, [2, 300, 4100], 16, 128),
+                      (512, 32, 4, [1, 129, 3000], 128, 128), (512, 8, 1, [2500], 128, 48)])
+    for preset in ref.PRESETS:
+        for i, (d, hq, hk, seqs, page, window) in enumerate(window_shapes):
+            if INTERPRET and i and preset not in ("turboquant_4bit_nc", "turboquant_k8v4"):
+                continue
+            row = recent_check(tq, preset, d, hq, hk, seqs, page, window, device, dtype, gen)
+            out_rows.append(row)
+            ok &= row["ok"]
+            print(f"{preset:20s} D={d:3d} recent window {window:3d}: decode err {row['decode_rel_err_max']:.2e}, "
+                  f"entries taken {row['entries_taken']}/{row['entries_expected']}, other row / rewritten slot "
+                  f"diff {row['other_row_rel_diff']:.1e} / {row['rewritten_slot_rel_diff']:.1e}, vs exact "
+                  f"{row['attention_rel_err_vs_exact_window']:.4f} (no window "
+                  f"{row['attention_rel_err_vs_exact_no_window']:.4f}) -> {'ok' if row['ok'] else 'FAIL'}",
+                  flush=True)
     for preset in ("turboquant_4bit_nc", "turboquant_k8v4"):
         row = tp_split_check(tq, preset, 64 if INTERPRET else 512, 8, 4, 4 if not INTERPRET else 2,
                              40 if INTERPRET else 3000, device, dtype, gen)
@@ -336,6 +435,20 @@ def bench_shapes(quick):
                 if b * ctx > 32 * 32768:
                     continue
                 yield name, hq, hk, d, ctx, b
+
+
+def window_for_bench(tq, cache, bt, ctx, preset, d, hk, window=128):
+    """A recent window whose entries match the newest `window` positions of every request."""
+    b, page = bt.shape[0], cache.shape[1]
+    recent = tq.recent_window_empty(b, window, hk, d, cache.device)
+    recent.entries.normal_()
+    pos = torch.arange(max(ctx - window, 0), ctx, device=cache.device)
+    for r in range(b):
+        blocks = bt[r, pos // page].long()
+        fp = ref.fingerprint(ref.token_fields(cache, blocks, pos % page, preset, d))
+        recent.tags[r, pos % window, :, 0] = (blocks * page + pos % page).to(torch.int32)[:, None]
+        recent.tags[r, pos % window, :, 1] = fp
+    return recent
 
 
 def bench(tq, upstream, get_centroids, device, out_rows, quick, presets, tile_sweep=True):
@@ -403,6 +516,16 @@ def bench(tq, upstream, get_centroids, device, out_rows, quick, presets, tile_sw
                     except Exception as e:
                         out_rows.append({"kind": "tile", "model": name, "context": ctx, "batch": b,
                                          "tile_tokens": tile[0], "num_warps": tile[1], "error": repr(e)[:300]})
+            if preset in ("turboquant_4bit_nc", "turboquant_k8v4"):
+                # with the recent window (patch 0014): the newest 128 positions of every request match
+                # their window entries, so the last tiles read both the cache and the window
+                recent = window_for_bench(tq, cache, bt, ctx, preset, d, hk)
+                rows_b = torch.arange(b, dtype=torch.int32, device=device)
+                fn_w = lambda: tq.tq_decode(q, cache, side, bt, seq, Pi_T, scale, key_bits,  # noqa: E731
+                                            val_bits, splits, mid_o, mid_l, out, recent=recent, recent_rows=rows_b)
+                t_w = triton.testing.do_bench(fn_w, warmup=25, rep=100, return_mode="median")
+                rows.append((preset, "tqstack+window", t_w, b * ctx * hk * cache.shape[-1]))
+                del recent
             fn_old = lambda: upstream.triton_turboquant_decode_attention(  # noqa: E731
                 q, cache, bt, seq, Pi, centroids, scale, 0 if key_bits == 8 else key_bits, kps, val_bits,
                 key_fp8=key_bits == 8, norm_correction=nc, PiT=Pi_T, max_num_kv_splits=splits)

@@ -15,6 +15,12 @@ Format. The cache is [blocks, Hk, page, slot] bytes (the backend views it as
   4-bit rows: byte j = code[j] | code[j + D/2] << 4. 3-bit rows: each half (D/2 codes)
   packed LSB-first, 8 codes per 3 bytes, the second half after the first.
 Anchors (side[block0, kv_head]): exact sink key, sink value, centre mu.
+Recent window (entries [rows, W, Hk, 2, D] fp16, tags [rows, W, Hk, 2] int32): entry
+(row, p % W, h) holds position p of the request in batch row `row`: the key in the stored frame
+(R(k - mu), or k - mu for FP8 keys) and the value, tagged with the cache slot and the int32
+fingerprint vs | vz << 16 (^ ks << 8 for 3/4-bit keys) of the fp16 bits of the record's value
+scale, value zero and key scale. Readers take it for positions p >= max(seq_len - W, 1) only when
+both tags match the slot and the record in the cache.
 """
 
 from __future__ import annotations
@@ -164,6 +170,46 @@ def dequantize_tokens(kv_cache, block_table_row, seq_len, preset, Pi, side=None)
         k[0] = anchors[:, 0]
         v[0] = anchors[:, 1]
     return k, v
+
+
+def fingerprint(fields: dict) -> torch.Tensor:
+    """int32 fingerprint [L, Hk] of token records (see the module docstring)."""
+    def bits(x):
+        return x.contiguous().view(torch.int16).long() & 0xFFFF
+
+    fp = bits(fields["val_scale"]) | (bits(fields["val_zero"]) << 16)
+    if "key_scale" in fields:
+        fp = fp ^ (bits(fields["key_scale"]) << 8)
+    return ((fp + 2**31) % 2**32 - 2**31).to(torch.int32)  # two's complement, as the kernels' int32
+
+
+def apply_recent_window(k, v, kv_cache, block_table_row, seq_len, preset, Pi, side, entries, tags, row,
+                        ring_len=None):
+    """Replace, in dequantized k/v [seq_len, Hk, D] (float64), the positions that a reader takes from
+    the recent window: p in [max(seq_len - W, 1), seq_len) whose entry tags match. ring_len: the
+    request length when the window was last written (its entries hold positions up to ring_len - 1).
+    Returns (k, v, number of (position, head) pairs taken from the window)."""
+    key_bits = PRESETS[preset][0]
+    page, window, D = kv_cache.shape[1], entries.shape[1], Pi.shape[0]
+    lo = max(seq_len - window, 1)
+    if ring_len is not None:
+        lo = max(lo, ring_len - window)
+    if lo >= seq_len:
+        return k, v, 0
+    pos = torch.arange(lo, seq_len, device=kv_cache.device)
+    blocks = block_table_row[pos // page].long()
+    f = token_fields(kv_cache, blocks, pos % page, preset, D)
+    ent = entries[row, pos % window].double()  # [L, Hk, 2, D]
+    tag = tags[row, pos % window]  # [L, Hk, 2]
+    hit = (tag[..., 0].long() == (blocks * page + pos % page)[:, None]) & (tag[..., 1] == fingerprint(f))
+    frame = ent[:, :, 0]
+    exact_k = frame if key_bits == 8 else frame @ Pi.double()
+    if side is not None:
+        exact_k = exact_k + side[block_table_row[0].long()].double()[:, 2][None]
+    k, v = k.clone(), v.clone()
+    k[lo:] = torch.where(hit[..., None], exact_k, k[lo:])
+    v[lo:] = torch.where(hit[..., None], ent[:, :, 1], v[lo:])
+    return k, v, int(hit.sum())
 
 
 def attention(q, k, v, scale):
