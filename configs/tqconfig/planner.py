@@ -11,7 +11,9 @@ It mirrors the patched vLLM 0.26.0 (tqstack patch series) decisions:
   to it (P7); without TurboQuant, vLLM's own block scaling / hybrid block alignment;
 - KV-cache groups and the shared block pool (`_get_kv_cache_groups_uniform_page_size`);
 - per-request admission: full layers cdiv(len, block), sliding layers (window - 1 + in-flight tokens)
-  blocks + 1 (bounded, patch 0010), Gated DeltaNet one state page (two with prefix caching, "align").
+  blocks + 1 (bounded, patch 0010), Gated DeltaNet one state page (two with prefix caching, "align");
+- TurboQuant side memory: the recent window (patch 0014) is allocated with the model, so it comes out of
+  the KV-cache memory like weights; the anchors (patch 0012) sit beside the KV cache, in the headroom.
 Next to it, the number an unpatched vLLM reports (sliding layers budgeted at full context).
 Memory overheads (activations, CUDA graphs, NCCL, context) are estimates.
 """
@@ -30,6 +32,8 @@ GIB = 1024**3
 KERNEL_BLOCK = 16  # smallest attention block vLLM uses on these backends (FA / Triton: multiple of 16)
 # --turboquant-boundary-layers when a stack does not set it (patch 0011: CacheConfig default, unset = 2)
 BOUNDARY_LAYERS = 2
+# the engine's exact recent window per request in TurboQuant layers (patch 0014: TURBOQUANT_RECENT_TOKENS)
+TURBOQUANT_RECENT_TOKENS = 128
 
 # (key bits, value bits) of vLLM 0.26 TQ_PRESETS; 8 key bits = FP8 keys.
 _TQ_BITS = {
@@ -157,6 +161,11 @@ class CapacityPlan(BaseModel):
     # bound: min(TurboQuant layers, group_size) tables). vLLM's memory profile does not count it, so it comes
     # out of the (1 - gpu_memory_utilization) headroom.
     turboquant_anchor_bytes: int = 0
+    # tqstack's TurboQuant recent window (patch 0014: the newest TURBOQUANT_RECENT_TOKENS tokens of every running
+    # request kept exact): per cache-owning TurboQuant layer, max_num_seqs x TURBOQUANT_RECENT_TOKENS x KV heads x
+    # (fp16 key + fp16 value + two int32 tags = 4 x head_dim + 8) bytes. Allocated when the model is built, so
+    # vLLM's memory profile counts it like weights: it is subtracted from kv_cache_memory_bytes (unless given).
+    turboquant_recent_window_bytes: int = 0
     page_padding_fraction: float  # bytes lost to padding / bytes allocated per max-length request
     bytes_per_sequence: int  # one max_model_len request
 
@@ -369,7 +378,6 @@ def plan_capacity(
     activation = _activation_bytes(arch, tp, batched, seqs)
     overhead = int(hardware.defaults.runtime_overhead_gib * GIB)
     given = kv_cache_memory_bytes is not None
-    kv_memory = int(kv_cache_memory_bytes) if given else budget - weight_bytes - activation - overhead
 
     # --- per-layer dtypes and bytes -----------------------------------------------------------------------
     decisions = _layer_decisions(arch, kv_cache_dtype, boundary_layers)
@@ -395,6 +403,13 @@ def plan_capacity(
         spec.layers.append(layer.index)
         layer_plans[layer.index] = LayerPlan(index=layer.index, kind=layer.kind, kv_dtype=dtype, reason=why,
                                              kv_heads_per_gpu=heads, head_dim=layer.head_dim, bytes_per_token=bpt)
+
+    # TurboQuant recent window (patch 0014): every cache-owning TurboQuant layer (YOCO readers are "shared")
+    # allocates it with the model, before vLLM profiles memory, so it leaves the KV cache like weights do.
+    recent_window_bytes = sum(seqs * TURBOQUANT_RECENT_TOKENS * p.kv_heads_per_gpu * (4 * p.head_dim + 8)
+                              for p in layer_plans.values() if p.kv_dtype in TURBOQUANT_DTYPES)
+    kv_memory = (int(kv_cache_memory_bytes) if given
+                 else budget - weight_bytes - recent_window_bytes - activation - overhead)
 
     state_pages = 2 if enable_prefix_caching else 1  # prefix caching puts hybrids in mamba "align" mode
     gdn_bytes = 0
@@ -453,9 +468,10 @@ def plan_capacity(
         reasons.append(f"KV heads {sorted(set(heads))} cannot be split over tensor_parallel_size {tp}")
     if not given and kv_memory <= 0:
         fits = False
+        recent = f"TurboQuant recent window {recent_window_bytes / GIB:.2f} - " if recent_window_bytes else ""
         reasons.append(
             f"no memory left for KV cache: budget {budget / GIB:.2f} GiB - weights {weight_bytes / GIB:.2f} - "
-            f"activations {activation / GIB:.2f} - overhead {overhead / GIB:.2f} GiB per GPU")
+            f"{recent}activations {activation / GIB:.2f} - overhead {overhead / GIB:.2f} GiB per GPU")
     elif max_concurrency < 1.0:
         fits = False
         reasons.append(
@@ -484,6 +500,11 @@ def plan_capacity(
         if not given and anchor_bytes > headroom:
             fits = False
             reasons.append("TurboQuant anchors exceed the headroom left by gpu_memory_utilization: lower it")
+    if recent_window_bytes:
+        reasons.append(
+            f"TurboQuant recent window (the newest {TURBOQUANT_RECENT_TOKENS} tokens of each of max_num_seqs = {seqs} "
+            f"requests kept exact) {recent_window_bytes / GIB:.2f} GiB per GPU, "
+            + ("on top of the given KV-cache memory" if given else "inside vLLM's memory profile"))
     padding_fraction = 1.0 - real_bytes / bytes_per_sequence if bytes_per_sequence else 0.0
 
     return CapacityPlan(
@@ -519,6 +540,7 @@ def plan_capacity(
         num_kv_cache_groups=num_groups,
         num_blocks=num_blocks,
         turboquant_anchor_bytes=anchor_bytes,
+        turboquant_recent_window_bytes=recent_window_bytes,
         page_padding_fraction=padding_fraction,
         bytes_per_sequence=bytes_per_sequence,
         max_concurrency=max_concurrency,

@@ -33,6 +33,7 @@ def test_plan_prints_table_and_exits_zero_when_it_fits():
     result = runner.invoke(app, ["plan", "rtx3090-x1-qwen3.6-27b", "--layers"])
     assert result.exit_code == 0, result.output
     assert "max concurrency" in result.stdout and "P6" in result.stdout and "yes" in result.stdout
+    assert "TurboQuant recent window (the newest 128 tokens" in " ".join(result.stdout.split())
 
 
 def test_plan_exits_one_when_it_does_not_fit():
@@ -46,6 +47,7 @@ def test_plan_json_round_trips():
     plan = tqconfig.CapacityPlan.model_validate_json(result.stdout)
     assert plan.turboquant_layers == [11, 17]  # boundary 1 (0011): cache-owning full layers 5 and 23 stay bf16
     assert plan.turboquant_boundary_layers == 1
+    assert plan.turboquant_recent_window_bytes == 2 * 2 * (4 * 512 + 8) * 16 * 128  # 2 layers, 2 heads, 16 seqs
 
 
 def test_plan_takes_another_boundary_setting():

@@ -248,3 +248,55 @@ def test_turboquant_anchor_memory_is_reported_per_gpu():
     assert plan.turboquant_anchor_bytes < (1 - plan.gpu_memory_utilization) * plan.gpu_memory_bytes
     assert plan.fits and any("TurboQuant anchors 0.21 GiB" in r for r in plan.reasons)
     assert _plan("rtx5060ti-x4-gemma4-31b", kv_cache_dtype="auto").turboquant_anchor_bytes == 0
+
+
+def _memory_left(plan: tqconfig.CapacityPlan) -> int:
+    """budget - weights - activations - overhead: the KV memory before the TurboQuant recent window."""
+    return plan.memory_budget_bytes - plan.weight_bytes - plan.activation_bytes - plan.runtime_overhead_bytes
+
+
+@pytest.mark.parametrize("stack,expected", [
+    # 8 TurboQuant layers (boundary 1) x 1 KV head per GPU (TP=4) x (4 x 512 + 8) B x max_num_seqs 4 x 128 tokens
+    ("rtx5060ti-x4-gemma4-31b", 8 * 1 * (4 * 512 + 8) * 4 * 128),
+    # 12 TurboQuant layers (boundary 2) x 4 KV heads (TP=1) x (4 x 256 + 8) B x max_num_seqs 4 x 128 tokens
+    ("rtx3090-x1-qwen3.6-27b", 12 * 4 * (4 * 256 + 8) * 4 * 128),
+    # TP=4: 4 KV heads / 4 GPUs, max_num_seqs 16
+    ("rtx5060ti-x4-qwen3.6-27b", 12 * 1 * (4 * 256 + 8) * 16 * 128),
+])
+def test_turboquant_recent_window_comes_out_of_the_kv_cache(stack, expected):
+    """Patch 0014's recent window (the newest 128 tokens of every running request, fp16 key + value and two int32
+    tags per entry) is allocated with the model, inside vLLM's memory profile: the KV cache shrinks by it."""
+    from tqconfig.planner import TURBOQUANT_RECENT_TOKENS
+
+    assert TURBOQUANT_RECENT_TOKENS == 128
+    plan = _plan(stack)
+    tq = [p for p in plan.layers if p.kv_dtype == plan.kv_cache_dtype]
+    assert plan.turboquant_recent_window_bytes == expected == sum(
+        plan.max_num_seqs * 128 * p.kv_heads_per_gpu * (4 * p.head_dim + 8) for p in tq)
+    assert plan.kv_cache_memory_bytes == _memory_left(plan) - expected
+    assert plan.num_blocks == plan.kv_cache_memory_bytes // (plan.page_bytes * plan.group_size)
+    gib = f"{expected / GIB:.2f} GiB per GPU, inside vLLM's memory profile"
+    assert any(r.startswith("TurboQuant recent window (the newest 128 tokens") and gib in r for r in plan.reasons)
+    bf16 = _plan(stack, kv_cache_dtype="auto")
+    assert bf16.turboquant_recent_window_bytes == 0 and bf16.kv_cache_memory_bytes == _memory_left(bf16)
+    assert bf16.kv_cache_memory_bytes - plan.kv_cache_memory_bytes == expected  # same budget, weights, activations
+    assert not any("recent window" in r for r in bf16.reasons)
+
+
+def test_recent_window_skips_yoco_readers_and_follows_boundary_setting():
+    # E4B without boundary protection: cache owners 5, 11, 17, 23 are TurboQuant, 23's readers 29, 35, 41 too
+    # but they hold no cache (and no window); 2 KV heads, head_dim 512, max_num_seqs 8
+    plan = _plan("rtx3090-x1-gemma4-e4b", turboquant_boundary_layers=0)
+    assert plan.turboquant_layers == [5, 11, 17, 23]
+    assert plan.turboquant_recent_window_bytes == 4 * 2 * (4 * 512 + 8) * 8 * 128
+    assert _plan("rtx3090-x1-gemma4-e4b").turboquant_recent_window_bytes == 2 * 2 * (4 * 512 + 8) * 8 * 128
+
+
+def test_recent_window_with_given_kv_memory_and_in_the_no_memory_message():
+    given = _plan("rtx3090-x1-qwen3.6-27b", kv_cache_memory_bytes=4 * GIB)
+    assert given.kv_cache_memory_bytes == 4 * GIB and given.turboquant_recent_window_bytes == 12 * 4 * 1032 * 4 * 128
+    assert any("recent window" in r and "on top of the given KV-cache memory" in r for r in given.reasons)
+    starved = _plan("rtx3090-x1-qwen3.6-27b", gpu_memory_utilization=0.5)
+    assert not starved.fits and starved.kv_cache_memory_bytes == 0
+    assert any(r.startswith("no memory left for KV cache") and "TurboQuant recent window 0.02 - " in r
+               for r in starved.reasons)
