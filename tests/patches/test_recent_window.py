@@ -8,7 +8,8 @@ through the decode kernel). Every position of both requests lies inside the 128-
 attention must equal exact attention over the original keys and values (fp64 reference, tolerance
 1e-2 relative: fp16 window entries, fp16 tensor-core operands), while the same cache read without
 the window is off by quantization (~0.16 here). The window must be allocated when the layer is
-built (so vLLM's memory profile counts it), be absent from KV-sharing readers, and be logged.
+built (so vLLM's memory profile counts it), be absent from KV-sharing readers, and be logged; and
+when the model runner swaps or condenses batch rows, each window row must follow its request.
 """
 from __future__ import annotations
 
@@ -95,6 +96,53 @@ print(json.dumps(out))
 '''
 
 
+ROWS_SCRIPT = r'''
+import json, torch
+import vllm.v1.attention.backends.turboquant_attn as tq
+from vllm.config import DeviceConfig, SchedulerConfig, VllmConfig, set_current_vllm_config
+from vllm.sampling_params import SamplingParams
+import vllm.v1.worker.block_table as block_table_module
+import vllm.v1.worker.gpu_input_batch as input_batch_module
+from vllm.v1.worker.gpu_input_batch import CachedRequestState, InputBatch
+
+# no pinned-memory allocator without an accelerator: the input batch's host buffers stay pageable here
+for module in (block_table_module, input_batch_module):
+    if hasattr(module, "PIN_MEMORY"):
+        module.PIN_MEMORY = False
+
+config = VllmConfig(device_config=DeviceConfig("cpu"),
+                    scheduler_config=SchedulerConfig(max_num_seqs=4, max_model_len=4096, is_encoder_decoder=False))
+with set_current_vllm_config(config):
+    impl = tq.TurboQuantAttentionImpl(4, 64, 0.125, num_kv_heads=2, kv_cache_dtype="turboquant_4bit_nc")
+window = impl._recent
+for row in range(4):  # mark every row: entries and tags carry the row's number
+    window.entries[row] = row
+    window.tags[row] = 100 + row
+
+batch = InputBatch(max_num_reqs=4, max_model_len=64, max_num_batched_tokens=64, device=torch.device("cpu"),
+                   vocab_size=100, block_sizes=[16], kernel_block_sizes=[16], max_num_blocks_per_req=[4])
+for i, name in enumerate("abc"):
+    batch.add_request(CachedRequestState(
+        req_id=name, prompt_token_ids=[1, 2, 3], mm_features=[], sampling_params=SamplingParams(),
+        generator=None, block_ids=([i + 1],), num_computed_tokens=0, output_token_ids=[]))
+
+
+def marks():
+    return {name: int(window.entries[batch.req_id_to_index[name]].float().mean()) for name in batch.req_ids}
+
+
+out = {"before": marks()}
+batch.swap_states(0, 2)  # as the decode-first reorder does
+out["after_swap"] = marks()
+batch.remove_request("b")  # a finished request leaves a hole (row 1) that condense fills from the end
+batch.condense()
+out["after_condense"] = marks()
+out["rows_after_condense"] = dict(batch.req_id_to_index)
+out["freed_row_tags"] = int(window.tags[2].max())
+print(json.dumps(out))
+'''
+
+
 @pytest.fixture(scope="module")
 def window_run(patched_tree):
     run = run_in_vllm(patched_tree, SCRIPT, timeout=900,
@@ -122,3 +170,17 @@ def test_rows_of_a_mixed_batch_are_written_and_read(window_run):
     assert result["rel_err_vs_exact"]["B"] <= 1e-2
     # without the window the same queries see the quantization error: the check can fail
     assert result["rel_err_vs_exact_without_window"] > 10 * max(result["rel_err_vs_exact"].values())
+
+
+def test_window_rows_follow_their_requests(patched_tree):
+    """The model runner reorders rows (decodes first) and fills holes left by finished requests; a real
+    InputBatch's swap_states and condense must move each request's window row with it (rows marked with
+    their number), and the row a request left must hold no entries."""
+    run = run_in_vllm(patched_tree, ROWS_SCRIPT, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = run.json()
+    assert result["before"] == {"a": 0, "b": 1, "c": 2}
+    assert result["after_swap"] == {"a": 0, "b": 1, "c": 2}  # c now in row 0, a in row 2: marks went along
+    assert result["rows_after_condense"] == {"c": 0, "a": 1}  # b finished, a moved from row 2 into its row
+    assert result["after_condense"] == {"c": 2, "a": 0}
+    assert result["freed_row_tags"] == -1
