@@ -280,7 +280,7 @@ def test_built_model_kit_parts_fit_the_part_size_and_match_their_checksums():
     whole = hashlib.sha256()
     for name in parts:
         data = (parts_dir / name).read_bytes()
-        assert len(data) <= 56 * MIB, name
+        assert len(data) <= 48 * MIB, name
         assert hashlib.sha256(data).hexdigest() == sums[name], name
         whole.update(data)
     assert whole.hexdigest() == sums["tqmodels.tar"]

@@ -13,7 +13,7 @@ set -euo pipefail
 
 ROOT=$(git rev-parse --show-toplevel)
 CACHE=${TQSTACK_CACHE:-$HOME/.cache/tqstack}
-MAX_PART_MIB=${MAX_PART_MIB:-56}     # small enough for size-limited transfers
+MAX_PART_MIB=${MAX_PART_MIB:-48}     # a part and the checkout (~11 MB) fit one 64 MiB transfer
 STAGE=${MODEL_STAGE:-$ROOT/build/model-kit}     # build/ is git-ignored
 PARTS=${MODEL_PARTS:-$ROOT/.gpu/models}         # .gpu/ is git-ignored; copy it to the GPU host with the checkout
 PY=${PYTHON:-python3}
