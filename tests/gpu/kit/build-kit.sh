@@ -15,8 +15,8 @@ CACHE=${TQSTACK_CACHE:-$HOME/.cache/tqstack}
 VLLM_WHEEL_NAME=vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl
 VLLM_WHEEL_SHA256=adb1e4c9b46d0dfdb094121ae5aad670a42412dd813ed4e5db069ed6a15006de
 # Parts of at most MAX_PART_MIB, equal-sized, as few as possible (each part is one more
-# transfer where the host takes one part at a time; a part and the checkout, ~11 MB, must fit
-# one 64 MiB transfer).
+# transfer where the host takes one part at a time; each part travels with the checkout,
+# ~11 MB, through size-limited transfers).
 MAX_PART_MIB=${MAX_PART_MIB:-48}
 STAGE=$ROOT/build/gpu-kit            # build/ is git-ignored
 PARTS=$ROOT/.gpu/parts               # .gpu/ is git-ignored; copy it to the GPU host with the checkout

@@ -13,7 +13,7 @@ set -euo pipefail
 
 ROOT=$(git rev-parse --show-toplevel)
 CACHE=${TQSTACK_CACHE:-$HOME/.cache/tqstack}
-MAX_PART_MIB=${MAX_PART_MIB:-48}     # a part and the checkout (~11 MB) fit one 64 MiB transfer
+MAX_PART_MIB=${MAX_PART_MIB:-48}     # small enough to travel with the checkout (~11 MB) through size-limited transfers
 STAGE=${MODEL_STAGE:-$ROOT/build/model-kit}     # build/ is git-ignored
 PARTS=${MODEL_PARTS:-$ROOT/.gpu/models}         # .gpu/ is git-ignored; copy it to the GPU host with the checkout
 PY=${PYTHON:-python3}
