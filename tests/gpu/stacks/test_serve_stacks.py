@@ -55,7 +55,15 @@ def test_kv_budget_is_the_planners_per_gpu_budget_scaled_to_the_run_tp(tmp_path)
     at_tp4 = serve_stacks.plan_stack(stack.name, gpus=4, model_dir=tmp_path, port=1, flashinfer=False)
     assert at_tp4.run_tp == 4 and at_tp4.kv_cache_memory_bytes == per_gpu
     assert serve_stacks.parse_options(at_tp4.argv[1:])["--tensor-parallel-size"] == "4"
-    assert at_tp4.prediction["run"] == at_tp4.prediction["stack_card"] | {"kv_cache_memory_bytes": per_gpu}
+    run, card = at_tp4.prediction["run"], at_tp4.prediction["stack_card"]
+    # the same plan, except that with the KV memory given (as the run passes it) the recent window's
+    # memory comes on top of it instead of out of vLLM's profiled budget
+    assert {**run, "reasons": None} == card | {"kv_cache_memory_bytes": per_gpu, "reasons": None}
+    window = "TurboQuant recent window"
+    assert [r for r in run["reasons"] if not r.startswith(window)] == [
+        r for r in card["reasons"] if not r.startswith(window)]
+    assert [r.endswith("on top of the given KV-cache memory") for r in run["reasons"] if r.startswith(window)] == [True]
+    assert [r.endswith("inside vLLM's memory profile") for r in card["reasons"] if r.startswith(window)] == [True]
     at_tp1 = serve_stacks.plan_stack(stack.name, gpus=1, model_dir=tmp_path, port=1, flashinfer=False)
     assert at_tp1.run_tp == 1 and at_tp1.kv_cache_memory_bytes == per_gpu * 4
     # same total KV memory: the prediction at TP=1 holds about the same tokens as at TP=4
