@@ -368,8 +368,9 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--chunk-tokens", type=int, default=256, help="max_num_batched_tokens (prefill chunk)")
     parser.add_argument("--paths", nargs="+", default=PATHS, choices=PATHS,
                         help="PPL paths: prefill (chunks > 128 tokens) and/or decode (chunks <= 128: decode kernel)")
-    parser.add_argument("--decode-chunk-tokens", type=int, default=64,
-                        help="max_num_batched_tokens of the decode-path cases (<= 128)")
+    parser.add_argument("--decode-chunk-tokens", type=int, default=16,
+                        help="max_num_batched_tokens of the decode-path cases (<= 128; 16: each query sees at least "
+                             "112 of its 128 newest tokens in the recent window, close to generation's 128)")
     parser.add_argument("--gen-tokens", type=int, default=GEN_TOKENS)
     parser.add_argument("--num-prompts", type=int, default=8)
     parser.add_argument("--timeout-per-case", type=float, default=300)
