@@ -143,7 +143,7 @@ def test_plan_carries_the_committed_token_ids_and_engine_settings():
     assert case["id"] == "gemma3-270m/auto" and case["head_dim"] == 256
     # the decode-path case: chunks small enough for the TurboQuant decode kernel, no generation
     assert decode["id"] == "gemma3-270m/auto#decode" and decode["ppl_path"] == "decode"
-    assert decode["chunk_tokens"] == 64 and decode["gen_tokens"] == 0
+    assert decode["chunk_tokens"] == 16 and decode["gen_tokens"] == 0
     assert len(case["prompts"]) == 3 and len(case["ppl_ids"]) == 3072
     assert case["chunk_tokens"] == 256 and case["gpu_memory_utilization"] == 0.30
     assert case["max_model_len"] >= len(case["ppl_ids"]) + 1
