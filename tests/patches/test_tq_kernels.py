@@ -56,7 +56,7 @@ def test_interpreted_kernels_match_fp64_reference(patched_tree, tmp_path):
         # "nothing taken" equals the plain decode up to rounding, far below what the window changes
         assert max(r["other_row_rel_diff"], r["rewritten_slot_rel_diff"]) <= 0.1 * r["window_effect_rel"], r
         assert r["attention_rel_err_vs_exact_window"] < r["attention_rel_err_vs_exact_no_window"], r
-    # Tensor parallelism: every rank's shard (its KV heads, their query heads, its own anchors)
+    # Tensor parallelism: every rank's shard (its KV heads, their query heads, its own anchors and window)
     # decodes to exactly the unsharded result.
     splits = [r for r in rows if r["kind"] == "tp_split"]
     assert len(splits) == 2 and all(r["identical"] for r in splits), splits

@@ -309,8 +309,8 @@ def prefill_check(tq, d, hq, hk, q_lens, k_lens, device, dtype, gen):
 
 
 def tp_split_check(tq, preset, d, hq, hk, tp, seq_len, device, dtype, gen):
-    """Tensor parallelism: each rank holds hk/tp KV heads with their query heads, its own cache and
-    anchors. Decoding every rank's shard and concatenating must equal the unsharded decode."""
+    """Tensor parallelism: each rank holds hk/tp KV heads with their query heads, its own cache,
+    anchors and recent window. Decoding every rank's shard and concatenating must equal the unsharded decode."""
     key_bits, val_bits, nc = ref.PRESETS[preset]
     page = 16
     blocks = math.ceil(seq_len / page)
@@ -322,10 +322,13 @@ def tp_split_check(tq, preset, d, hq, hk, tp, seq_len, device, dtype, gen):
     q = torch.randn(1, hq, d, device=device, generator=gen).to(dtype)
 
     def decode(k, v, qq):
+        # each rank also holds the recent window of its own KV heads (the newest quarter of the request)
         cache = make_cache(blocks + 1, page, k.shape[1], d, preset, device)
         side = torch.zeros(blocks + 1, k.shape[1], 3, d, dtype=dtype, device=device)
-        store_request(tq, cache, side, k, v, row, preset, Pi_T, chunk=max(1, seq_len // 2))
-        return tq.tq_decode(qq, cache, side, bt, seq, Pi_T, d ** -0.5, key_bits, val_bits, 8)
+        recent = tq.recent_window_empty(1, max(1, seq_len // 4), k.shape[1], d, device)
+        store_request(tq, cache, side, k, v, row, preset, Pi_T, chunk=max(1, seq_len // 2), recent=recent)
+        return tq.tq_decode(qq, cache, side, bt, seq, Pi_T, d ** -0.5, key_bits, val_bits, 8, recent=recent,
+                            recent_rows=torch.zeros(1, dtype=torch.int32, device=device))
 
     full = decode(keys, values, q)
     hk_r, hq_r = hk // tp, hq // tp
