@@ -18,10 +18,17 @@ Then (``main``): ``tqbench merge`` of every lane's run dirs into ``<state>/<date
 regenerated from the merged raw data, ``fidelity.py`` writes fidelity.json, and ``--out`` receives
 ``bench-run.tar.gz`` (the run dir), ``fidelity.json`` and ``session.log``. Every step is bounded by
 ``--deadline-s``; what did not fit is recorded in ``<run>/session-skips.jsonl`` with the reason.
+
+``--slice NAME --model MODEL`` (gpu-complete.yaml): one part of the complete one-GPU run, sized for one
+device call. A slice runs some scenarios (or the capacity probe, with quality beside it) of one model on
+a server configured for it (decode CUDA graphs, 0.90 memory utilization, 131,072-token context; the
+capacity slice a fixed KV pool); its run directory is named ``<date>-<gpu>-<model>``, and assemble.py
+merges every slice of that model into one run directory and report.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -43,11 +50,67 @@ sys.path.insert(0, str(REPO / "tests" / "gpu" / "stacks"))
 import prepare_model  # noqa: E402
 from hostproc import free_port, stop, wait_gpu_free  # noqa: E402
 CONFIG = HERE / "gpu-bench.yaml"
+COMPLETE_CONFIG = HERE / "gpu-complete.yaml"
 HF_CONFIG = "qwen3.6-27b"
 SERVED_NAME = "qwen3.6-27b"
 KV_CACHE_MEMORY_BYTES = 6 * 1024**3
 SERVER_ARGS = ["--max-model-len", "32768", "--max-num-seqs", "64", "--max-num-batched-tokens", "8192",
                "--no-enable-prefix-caching", "--language-model-only", "--seed", "0"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A full-size model the sliced complete run serves with dummy weights."""
+    hf_config: str               # configs/hf folder
+    flags: tuple[str, ...]       # model-specific serve flags
+    capacity_kv_bytes: int       # the capacity slice's fixed KV pool: admission steps stay short
+
+
+MODELS = {
+    # The offline host has no image processor: text only. Without FlashInfer, GDN prefill uses Triton (below).
+    "qwen3.6-27b": Model("qwen3.6-27b", ("--language-model-only",), 6 * 1024**3),
+    # Sliding-window layers (bf16 always) take most of Gemma 4 31B's KV pool: 16 GiB holds about one
+    # 32K request in bf16 (tqconfig's plan), so the max_model_len probe has something to admit.
+    "gemma-4-31b": Model("gemma-4-31b-it", ("--language-model-only",), 16 * 1024**3),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Slice:
+    """Part of the complete run that fits one device call: these scenarios (or capacity) on one server."""
+    scenarios: tuple[str, ...]
+    parts: tuple[str, ...]
+    repeats: int                 # interleaved (harness, vllm bench serve) pairs per scenario
+    vllm_bench: bool = True      # pair each harness run with `vllm bench serve` (fidelity.json)
+
+
+SLICES = {
+    # capacity at three probe lengths on a fixed KV pool; the quality model is served beside it
+    "capacity": Slice((), ("capacity",), repeats=1, vllm_bench=False),
+    # the five named scenarios in two halves of about equal decode time; 3 repeats for fidelity.json
+    "named-a": Slice(("short_decode", "decode_heavy"), ("latency",), repeats=3),
+    "named-b": Slice(("mixed", "long_prefill", "high_load"), ("latency",), repeats=3),
+    "long-32k": Slice(("long_context_32k_c1", "long_context_32k_c8"), ("latency",), repeats=1),
+    "long-128k": Slice(("long_context_128k_c1",), ("latency",), repeats=1, vllm_bench=False),
+}
+# Serving as users do on a large GPU: decode CUDA graphs without torch.compile (a start takes about a
+# minute), the whole memory but a margin, long context.
+SLICE_SERVER_ARGS = ["--max-num-seqs", "64", "--max-num-batched-tokens", "8192", "--no-enable-prefix-caching",
+                     "--seed", "0", "--compilation-config", json.dumps({"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"})]
+SLICE_MAX_MODEL_LEN = 131072
+CAPACITY_MAX_MODEL_LEN = 32768
+# Priming meets every shape of a scenario (prefill chunks, decode batches up to C) without measuring it:
+# a short wave is enough, since decode graphs are captured and TurboQuant kernels compiled at start-up.
+PRIME_MAX_OUTPUT = 16
+
+
+def slice_server_args(model: Model, slice_name: str) -> list[str]:
+    """`vllm serve` memory/shape flags of one slice of the complete run."""
+    if slice_name == "capacity":
+        sizing = ["--kv-cache-memory-bytes", str(model.capacity_kv_bytes), "--max-model-len", str(CAPACITY_MAX_MODEL_LEN)]
+    else:
+        sizing = ["--gpu-memory-utilization", "0.90", "--max-model-len", str(SLICE_MAX_MODEL_LEN)]
+    return [*sizing, *SLICE_SERVER_ARGS, *model.flags]
 SERVER_ENV = {"VLLM_USE_FLASHINFER_SAMPLER": "0", "VLLM_PLUGINS": "lora_filesystem_resolver,lora_hf_hub_resolver",
               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
               "PYTHONUNBUFFERED": "1"}
@@ -66,12 +129,12 @@ def log(message: str) -> None:
 
 
 def server_argv(python: str, model_dir: Path, dtype: str, port: int, *, flashinfer: bool, enforce_eager: bool,
-                server_args: list[str] | None = None) -> list[str]:
-    """GPU defaults; ``server_args`` replaces the memory/shape flags (the local CPU dry run uses it)."""
+                server_args: list[str] | None = None, served_name: str = SERVED_NAME) -> list[str]:
+    """GPU defaults; ``server_args`` replaces the memory/shape flags (a slice's, or the local CPU dry run's)."""
     tuning = server_args if server_args is not None else [
         "--kv-cache-memory-bytes", str(KV_CACHE_MEMORY_BYTES), *SERVER_ARGS,
         *([] if flashinfer else ["--gdn-prefill-backend", "triton"])]
-    argv = [python, "-m", "vllm.entrypoints.cli.main", "serve", str(model_dir), "--served-model-name", SERVED_NAME,
+    argv = [python, "-m", "vllm.entrypoints.cli.main", "serve", str(model_dir), "--served-model-name", served_name,
             "--load-format", "dummy", "--kv-cache-dtype", dtype, *tuning, "--host", "127.0.0.1", "--port", str(port)]
     if enforce_eager:
         argv.append("--enforce-eager")
@@ -79,11 +142,11 @@ def server_argv(python: str, model_dir: Path, dtype: str, port: int, *, flashinf
 
 
 def vllm_bench_argv(python: str, scenario: dict, *, base_url: str, tokenizer: Path, dtype: str, seed: int,
-                    num_warmups: int, result_dir: Path | None) -> list[str]:
+                    num_warmups: int, result_dir: Path | None, served_name: str = SERVED_NAME) -> list[str]:
     """`vllm bench serve` flags that reproduce one harness scenario (bench/README.md: closed/open loop)."""
     rate = scenario.get("request_rate", math.inf)
     argv = [python, "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "openai",
-            "--base-url", base_url, "--endpoint", "/v1/completions", "--model", SERVED_NAME,
+            "--base-url", base_url, "--endpoint", "/v1/completions", "--model", served_name,
             "--tokenizer", str(tokenizer), "--dataset-name", "random",
             "--random-input-len", str(scenario["input_len"]), "--random-output-len", str(scenario["output_len"]),
             "--random-range-ratio", "0", "--num-prompts", str(scenario["num_prompts"]),
@@ -212,6 +275,7 @@ class Lane:
                                                    str(REPO / "configs")) if p)
         self.client_env = {**os.environ, "PYTHONPATH": client_path, "PYTHONUNBUFFERED": "1", **SERVER_ENV}
         self.server_env = {**os.environ, "PYTHONPATH": str(args.site), **SERVER_ENV}
+        self.served = args.served_name
         self.took: dict[str, list[float]] = {}
         self.status = 0
 
@@ -246,19 +310,27 @@ class Lane:
         port = free_port()
         base_url = f"http://127.0.0.1:{port}"
         server_log = self.run_dir / "logs" / f"server-{self.dtype}.log"
-        command = server_argv(self.python, model_dir, self.dtype, port, flashinfer=(args.site / "flashinfer").exists(),
-                              enforce_eager=args.enforce_eager,
-                              server_args=None if args.server_args is None else shlex.split(args.server_args))
+        flashinfer = (args.site / "flashinfer").exists()
+        if args.server_args is not None:
+            server_args = shlex.split(args.server_args)
+        elif args.slice:
+            server_args = slice_server_args(MODELS[args.model], args.slice)
+            if args.model.startswith("qwen") and not flashinfer:
+                server_args += ["--gdn-prefill-backend", "triton"]
+        else:
+            server_args = None
+        command = server_argv(self.python, model_dir, self.dtype, port, flashinfer=flashinfer,
+                              enforce_eager=args.enforce_eager, server_args=server_args, served_name=self.served)
         log(f"{self.dtype}: GPU {os.environ.get('CUDA_VISIBLE_DEVICES', '?')}: starting {shlex.join(command[3:])}")
         server = start_server(command, server_log, self.server_env)
         try:
             limit = min(float(self.bench["server"]["health_timeout_s"]), self.deadline.left(reserve=60))
             why = wait_healthy(server, base_url, limit)
             if why:
-                record_skip(args.state, self.dtype, "27B server and everything on it", f"server {why}; log {server_log}")
+                record_skip(args.state, self.dtype, "model server and everything on it", f"server {why}; log {server_log}")
                 self.status = 1
             else:
-                log(f"{self.dtype}: 27B server healthy")
+                log(f"{self.dtype}: {self.served} server healthy")
                 self.measure(base_url, model_dir, server_log)
         finally:
             stop(server)
@@ -293,18 +365,22 @@ class Lane:
         if self.args.quality_model and self.args.quality_overlap:
             self.quality(wait=False)  # beside priming and capacity, finished before any latency pair starts
         quality_keep = 0.0
-        scenarios = bench["latency"]["scenarios"]
-        primer = {**bench, "parts": ["latency"], "latency": {**bench["latency"], "num_warmups": 0, "scenarios": [
-            {**s, "num_prompts": s["concurrency"]} for s in scenarios]}}
-        self.step("prime", "priming (harness, one wave per scenario, discarded)",
-                  self.tqbench(write_config(primer, state / "primer.yaml"), state / "primer-run", base_url,
-                               SERVED_NAME, "latency"),
-                  state / "logs" / "prime.log", self.client_env, keep=quality_keep)
-        if "capacity" in bench["parts"]:
+        parts = self.args.parts or bench["parts"]
+        scenarios = [s for s in bench["latency"]["scenarios"] if "latency" in parts
+                     and (self.args.scenarios is None or s["name"] in self.args.scenarios)]
+        if scenarios:
+            primer = {**bench, "parts": ["latency"], "latency": {**bench["latency"], "num_warmups": 0, "scenarios": [
+                {**s, "num_prompts": s["concurrency"], "output_len": min(s["output_len"], PRIME_MAX_OUTPUT)}
+                for s in scenarios]}}
+            self.step("prime", "priming (harness, one short wave per scenario, discarded)",
+                      self.tqbench(write_config(primer, state / "primer.yaml"), state / "primer-run", base_url,
+                                   self.served, "latency"),
+                      state / "logs" / "prime.log", self.client_env, keep=quality_keep)
+        if "capacity" in parts:
             config = bench.copy()
             config["capacity"] = {**bench.get("capacity", {}), "server_log": str(server_log)}
             self.step("capacity", "tqbench capacity",
-                      self.tqbench(write_config(config, state / "bench.yaml"), self.run_dir, base_url, SERVED_NAME,
+                      self.tqbench(write_config(config, state / "bench.yaml"), self.run_dir, base_url, self.served,
                                    "capacity"),
                       self.run_dir / "logs" / f"tqbench-capacity-{dtype}.log", self.client_env, keep=quality_keep)
         self.finish_quality()  # the latency pairs get the GPU to themselves
@@ -317,15 +393,15 @@ class Lane:
                 # Repeat 1 of both tools before any repeat 2: the minimum for a comparison comes first.
                 rep_dir = state / f"h{repeat}-{name}"
                 self.step("harness", f"harness {name} repeat {repeat}",
-                          self.tqbench(config_path, rep_dir, base_url, SERVED_NAME, "latency", name),
+                          self.tqbench(config_path, rep_dir, base_url, self.served, "latency", name),
                           rep_dir / "logs" / f"tqbench-latency-{dtype}-{name}-rep{repeat}.log", self.client_env,
-                          keep=quality_keep + self.guess("vllm_bench"))
-                if not (rep_dir / "latency.csv").exists():
-                    continue  # no harness number, so no pair to compare
+                          keep=quality_keep + (self.guess("vllm_bench") if self.args.vllm_bench else 0.0))
+                if not (rep_dir / "latency.csv").exists() or not self.args.vllm_bench:
+                    continue  # no harness number (or no pairs in this slice), so no pair to compare
                 result_dir = state / "vllm-bench"
                 filename = f"{name}.json" if repeat == 1 else f"{name}.rep{repeat}.json"
                 argv = vllm_bench_argv(self.python, scenario, base_url=base_url, tokenizer=model_dir, dtype=dtype,
-                                       seed=seed, num_warmups=warmups, result_dir=result_dir)
+                                       seed=seed, num_warmups=warmups, result_dir=result_dir, served_name=self.served)
                 argv[argv.index("--result-filename") + 1] = filename
                 self.step("vllm_bench", f"vllm bench serve {name} repeat {repeat}", argv,
                           result_dir / f"{Path(filename).stem}.log", self.server_env, keep=quality_keep)
@@ -407,13 +483,48 @@ def export(run_dir: Path, out: Path, session_log: Path | None) -> None:
 
 
 def plan(args, dtypes: list[str], gpus: list[str]) -> list[str]:
-    lines = [f"lane {d}: GPU {gpus[i % len(gpus)] if gpus else '(CUDA_VISIBLE_DEVICES unset)'}: 27B dummy server "
-             f"({args.hf_config}), priming, capacity, {args.repeats} x (harness, vllm bench serve) per scenario of "
-             f"{args.bench_config.name}, then quality on {args.quality_model or '(none)'}" for i, d in enumerate(dtypes)]
+    parts = args.parts or ["capacity", "latency"]
+    work = ["priming"] if "latency" in parts else []
+    work += ["capacity"] if "capacity" in parts else []
+    if "latency" in parts:
+        pair = "(harness, vllm bench serve)" if args.vllm_bench else "harness"
+        which = ", ".join(args.scenarios) if args.scenarios is not None else f"every scenario of {args.bench_config.name}"
+        work.append(f"{args.repeats} x {pair} for {which}")
+    lines = [f"lane {d}: GPU {gpus[i % len(gpus)] if gpus else '(CUDA_VISIBLE_DEVICES unset)'}: {args.served_name} "
+             f"dummy server ({args.hf_config}{', slice ' + args.slice if args.slice else ''}), {', '.join(work)}, "
+             f"then quality on {args.quality_model or '(none)'}" for i, d in enumerate(dtypes)]
     if gpus and len(gpus) < len(dtypes):
         lines.append(f"only {len(gpus)} GPU(s) for {len(dtypes)} lanes: lanes sharing a GPU run one after another")
-    lines.append(f"then: tqbench merge -> {args.state}/<date>-{args.gpu_label}, fidelity.py, pack into {args.out}")
+    name = f"<date>-{args.gpu_label}" + (f"-{args.model}" if args.slice else "")
+    lines.append(f"then: tqbench merge -> {args.state}/{name}, fidelity.py, pack into {args.out}")
+    if args.slice:
+        lines.append(f"then, where the results land: tests/gpu/bench/assemble.py bench/results/{name} "
+                     f"<this and the other slices' bench-run.tar.gz>")
     return lines
+
+
+def resolve_slice(parser: argparse.ArgumentParser, args) -> None:
+    """Fill in what --model / --slice decide (the lane subprocesses repeat this from the same argv)."""
+    if args.slice and not args.model:
+        parser.error(f"--slice {args.slice}: name the model too (--model {' or '.join(sorted(MODELS))})")
+    model = MODELS[args.model] if args.model else None
+    args.served_name = args.model or SERVED_NAME
+    args.hf_config = args.hf_config or (model.hf_config if model else HF_CONFIG)
+    args.bench_config = args.bench_config or (COMPLETE_CONFIG if args.slice else CONFIG)
+    chosen = SLICES.get(args.slice)
+    args.scenarios = list(chosen.scenarios) if chosen else None
+    args.parts = list(chosen.parts) if chosen else None
+    args.vllm_bench = chosen.vllm_bench if chosen else True
+    args.repeats = args.repeats if args.repeats is not None else (chosen.repeats if chosen else 2)
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats}: at least 1")
+    if chosen:
+        # every slice's server is its own: a fresh state folder per model and slice, so that slices of one
+        # session never resume each other; decode CUDA graphs, so never eager; quality only beside capacity
+        args.state = args.state / args.model / args.slice
+        args.enforce_eager = False
+        if "capacity" not in chosen.parts:
+            args.quality_model = ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -427,10 +538,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-label", default="gpu", help="e.g. h200; names the run directory")
     parser.add_argument("--deadline-s", "--budget-s", dest="deadline_s", type=float, default=540,
                         help="wall seconds from start for everything, packing included")
-    parser.add_argument("--repeats", type=int, default=2, help="interleaved (harness, vllm bench serve) pairs per scenario")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="interleaved (harness, vllm bench serve) pairs per scenario (default 2, or the slice's)")
+    parser.add_argument("--model", choices=sorted(MODELS), default=None,
+                        help="full-size model to serve with dummy weights (default: qwen3.6-27b)")
+    parser.add_argument("--slice", choices=list(SLICES), default=None,
+                        help="one device call's part of the complete run (gpu-complete.yaml); needs --model")
     parser.add_argument("--enforce-eager", action="store_true")
-    parser.add_argument("--bench-config", type=Path, default=CONFIG, help="tqbench config (default gpu-bench.yaml)")
-    parser.add_argument("--hf-config", default=HF_CONFIG, help="configs/hf name or config.json path of the model")
+    parser.add_argument("--bench-config", type=Path, default=None,
+                        help="tqbench config (default gpu-bench.yaml; with --slice gpu-complete.yaml)")
+    parser.add_argument("--hf-config", default=None, help="configs/hf name or config.json path of the model "
+                        "(default: the --model's, else qwen3.6-27b)")
     parser.add_argument("--server-args", default=None, help="replace the GPU memory/shape flags (local dry run)")
     parser.add_argument("--quality-model", default=str(QUALITY_MODEL), help="HF folder of the quality model ('' = none)")
     parser.add_argument("--quality-config", type=Path, default=QUALITY_CONFIG)
@@ -442,14 +560,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", "--list", dest="dry_run", action="store_true", help="print the plan, run nothing")
     args = parser.parse_args(argv)
     deadline = Deadline(args.deadline_s)
+    resolve_slice(parser, args)
 
     bench = yaml.safe_load(args.bench_config.read_text())
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     unknown = [d for d in dtypes if d not in bench["kv_cache_dtypes"]]
     if unknown:
         parser.error(f"--dtypes: {unknown} not in {args.bench_config.name} kv_cache_dtypes {bench['kv_cache_dtypes']}")
-    if args.repeats < 1:
-        parser.error("--repeats: at least 1")
+    known = [s["name"] for s in (bench.get("latency") or {}).get("scenarios", [])]
+    missing = [s for s in args.scenarios or [] if s not in known]
+    if missing:
+        parser.error(f"--slice {args.slice}: scenarios {missing} are not in {args.bench_config.name} (it has {known})")
     gpus = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
     if args.dry_run:
         print("\n".join(plan(args, dtypes, gpus)))
@@ -462,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
 
     name_file = args.state / "run-name"
     if not name_file.exists():  # never the name of a run already committed in bench/results/
-        name = base = f"{dt.date.today().isoformat()}-{args.gpu_label}"
+        name = base = f"{dt.date.today().isoformat()}-{args.gpu_label}" + (f"-{args.model}" if args.slice else "")
         suffix = 1
         while (REPO / "bench" / "results" / name).exists():
             suffix += 1

@@ -124,6 +124,12 @@ DEFINITIONS = {
 }
 
 
+def _spread(values: list[float | None]) -> float | None:
+    """Max - min of the per-repeat ratios (0 with one repeat): how far repeats of one pair disagree."""
+    known = [v for v in values if v is not None]
+    return round(max(known) - min(known), 4) if known else None
+
+
 def fidelity(run_dir: Path, tolerance: float = 0.03) -> dict[str, Any]:
     csv = run_dir / "latency.csv"
     if not csv.exists():
@@ -151,6 +157,7 @@ def fidelity(run_dir: Path, tolerance: float = 0.03) -> dict[str, Any]:
                                  ratio=None if _ratio(ours, theirs) is None else round(_ratio(ours, theirs), 4),
                                  median_ratio=None if median_ratio is None else round(median_ratio, 4),
                                  per_repeat_ratio=[r[metric]["ratio"] for r in reps],
+                                 ratio_spread=_spread([r[metric]["ratio"] for r in reps]),
                                  within_goal=median_ratio is not None and abs(median_ratio - 1) <= tolerance)
         scenarios.append(entry)
     compared = [(s, m) for s in scenarios for m in METRICS if s[m]["median_ratio"] is not None]

@@ -8,6 +8,8 @@
 # ENFORCE_EAGER=0 drops --enforce-eager (torch.compile + CUDA graphs: slower start). Also accepted:
 # `run_bench.sh auto,turboquant_4bit_nc` with RESULTS_DIR (the results directory; OUT is read when it is
 # unset) and BUDGET_S (seconds) in the environment, as tests/gpu/session.py starts it.
+# One slice of the complete one-GPU run (gpu-complete.yaml; README "The complete run in slices"):
+#   CUDA_VISIBLE_DEVICES=0 bash tests/gpu/bench/run_bench.sh --slice named-a --model gemma-4-31b --dtypes auto --out $OUT/s1
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/../../.." && pwd)"
 SITE="${SITE:-/tmp/site-patched}"
@@ -27,7 +29,10 @@ while [[ $# -gt 0 ]]; do
 done
 mkdir -p "$STATE" "$OUT_DIR"
 START=$(date +%s)
-for a in "${ARGS[@]}"; do [[ "$a" == --dry-run || "$a" == --list ]] && DRY=1; done
+for a in "${ARGS[@]}"; do
+  [[ "$a" == --dry-run || "$a" == --list ]] && DRY=1
+  [[ "$a" == --slice ]] && SLICE=1  # a slice of the complete run serves with decode CUDA graphs, never eager
+done
 if [[ -z "${DRY:-}" ]]; then
   if [[ ! -d "$SITE/vllm" ]]; then
     echo "run_bench: $SITE has no vllm/; run tests/gpu/kit/install.sh first (tests/gpu/README.md)" >&2
@@ -50,12 +55,15 @@ GSM8K=()
 GPU_LABEL="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr 'A-Z' 'a-z' \
   | sed -e 's/nvidia//' -e 's/[^a-z0-9]//g')"
 EAGER=(--enforce-eager)
-[[ "${ENFORCE_EAGER:-1}" == 0 ]] && EAGER=()
+[[ "${ENFORCE_EAGER:-1}" == 0 || -n "${SLICE:-}" ]] && EAGER=()
 LEFT=$(( DEADLINE - ($(date +%s) - START) - 5 ))
+# A slice's log is its own (slices of one session share $STATE); a resumed lane appends to the state's log.
+LOG="$STATE/session.log"
+[[ -n "${SLICE:-}" ]] && LOG="$OUT_DIR/session.log"
 cd "$ROOT"
 PYTHONUNBUFFERED=1 PYTHONPATH="$SITE" python3 tests/gpu/bench/bench_session.py \
   --site "$SITE" --client-path "$EXTRA_SITE" --state "$STATE" --out "$OUT_DIR" \
-  --gpu-label "${GPU_LABEL:-gpu}" --deadline-s "$LEFT" "${EAGER[@]}" "${GSM8K[@]}" "${ARGS[@]}" 2>&1 | tee -a "$STATE/session.log"
+  --gpu-label "${GPU_LABEL:-gpu}" --deadline-s "$LEFT" "${EAGER[@]}" "${GSM8K[@]}" "${ARGS[@]}" 2>&1 | tee -a "$LOG"
 rc=${PIPESTATUS[0]}
-cp "$STATE/session.log" "$OUT_DIR/session.log" 2>/dev/null
+[[ "$LOG" == "$OUT_DIR/session.log" ]] || cp "$LOG" "$OUT_DIR/session.log" 2>/dev/null
 exit "$rc"
