@@ -16,7 +16,6 @@ scratch copy first, so a failing slice leaves DEST as it was.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import shutil
 import sys
@@ -28,10 +27,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import fidelity  # noqa: E402
+from bench_session import gzip_large_prompts  # noqa: E402
 from tqbench.merge import MergeError, merge_runs  # noqa: E402
 from tqbench.report import build_report  # noqa: E402
 
-PROMPTS_GZIP_BYTES = 900_000  # the repository takes no file over 1 MB
 SIDE_FOLDERS = ("vllm-bench", "fidelity-reps")
 
 
@@ -79,14 +78,6 @@ def add_side_files(dest: Path, source: Path, label: str) -> list[str]:
                 if line.strip():
                     out.write(json.dumps({**json.loads(line), "slice": label}) + "\n")
     return added
-
-
-def gzip_large_prompts(run_dir: Path) -> None:
-    for big in run_dir.glob("prompts/*.jsonl"):
-        if big.stat().st_size > PROMPTS_GZIP_BYTES:
-            with open(big, "rb") as src, gzip.open(f"{big}.gz", "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            big.unlink()
 
 
 def assemble(dest: Path, tarballs: list[Path]) -> dict:

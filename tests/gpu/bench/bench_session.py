@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import gzip
 import json
 import math
 import os
@@ -464,9 +465,14 @@ def merge_lanes(args, dtypes: list[str], run_dir: Path, python: str, env: dict) 
     log(f"merge of {len(sources)} run dirs exit {rc}")
     if (run_dir / "latency.csv").exists():
         subprocess.run([python, str(HERE / "fidelity.py"), str(run_dir)], env=env, cwd=REPO, check=False)
-    for big in run_dir.glob("prompts/*.jsonl"):  # the repository takes no file over 1 MB
-        if big.stat().st_size > 900_000:
-            with open(big, "rb") as src, __import__("gzip").open(f"{big}.gz", "wb") as dst:
+    gzip_large_prompts(run_dir)
+
+
+def gzip_large_prompts(run_dir: Path, limit: int = 900_000) -> None:
+    """The repository takes no file over 1 MB: prompt files above ``limit`` bytes are kept gzipped."""
+    for big in run_dir.glob("prompts/*.jsonl"):
+        if big.stat().st_size > limit:
+            with open(big, "rb") as src, gzip.open(f"{big}.gz", "wb") as dst:
                 shutil.copyfileobj(src, dst)
             big.unlink()
 
