@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Assemble the slices of the complete GPU run (bench_session.py --slice) into one run directory per model.
 
-Each slice is one device call's ``bench-run.tar.gz``: a tqbench run directory with some cells of one model
+Each slice is one GPU-host run's ``bench-run.tar.gz``: a tqbench run directory with some cells of one model
 (a KV dtype's scenarios, or its capacity and quality), plus ``vllm-bench/`` results and the harness's later
 repeats (``fidelity-reps/``). Slices arrive over several sessions; each is added to DEST as it comes:
 
@@ -10,7 +10,7 @@ repeats (``fidelity-reps/``). Slices arrive over several sessions; each is added
 Cells are merged with ``tqbench merge`` (a cell finished in two slices is an error naming it, never a silent
 choice), ``vllm-bench/`` and ``fidelity-reps/`` files are added (the same file name with other content is an
 error too), ``session-skips.jsonl`` lines are kept with the slice they came from, then the report and
-``fidelity.json`` are rebuilt from everything DEST holds. All slices of one call are checked and merged in a
+``fidelity.json`` are rebuilt from everything DEST holds. All slices given in one invocation are checked and merged in a
 scratch copy first, so a failing slice leaves DEST as it was.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ class AssembleError(ValueError):
 def unpack(tarball: Path, scratch: Path) -> Path:
     """The one run directory inside a slice's tarball."""
     if not tarball.is_file():
-        raise AssembleError(f"{tarball}: no such file (a slice is the bench-run.tar.gz of one device call)")
+        raise AssembleError(f"{tarball}: no such file (a slice is the bench-run.tar.gz of one GPU-host run (about 10 minutes))")
     target = scratch / tarball.parent.name / tarball.stem
     target.mkdir(parents=True)
     with tarfile.open(tarball) as tar:

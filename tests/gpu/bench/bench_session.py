@@ -20,7 +20,7 @@ regenerated from the merged raw data, ``fidelity.py`` writes fidelity.json, and 
 ``--deadline-s``; what did not fit is recorded in ``<run>/session-skips.jsonl`` with the reason.
 
 ``--slice NAME --model MODEL`` (gpu-complete.yaml): one part of the complete one-GPU run, sized for one
-device call. A slice runs some scenarios (or the capacity probe, with quality beside it) of one model on
+GPU-host run. A slice runs some scenarios (or the capacity probe, with quality beside it) of one model on
 a server configured for it (decode CUDA graphs, 0.90 memory utilization, 131,072-token context; the
 capacity slice a fixed KV pool); its run directory is named ``<date>-<gpu>-<model>``, and assemble.py
 merges every slice of that model into one run directory and report.
@@ -78,7 +78,7 @@ MODELS = {
 
 @dataclasses.dataclass(frozen=True)
 class Slice:
-    """Part of the complete run that fits one device call: these scenarios (or capacity) on one server."""
+    """Part of the complete run that fits one GPU-host run (about 10 minutes): these scenarios (or capacity) on one server."""
     scenarios: tuple[str, ...]
     parts: tuple[str, ...]
     repeats: int                 # interleaved (harness, vllm bench serve) pairs per scenario
@@ -549,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", choices=sorted(MODELS), default=None,
                         help="full-size model to serve with dummy weights (default: qwen3.6-27b)")
     parser.add_argument("--slice", choices=list(SLICES), default=None,
-                        help="one device call's part of the complete run (gpu-complete.yaml); needs --model")
+                        help="one GPU-host run's part of the complete run (gpu-complete.yaml); needs --model")
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--bench-config", type=Path, default=None,
                         help="tqbench config (default gpu-bench.yaml; with --slice gpu-complete.yaml)")

@@ -1,6 +1,6 @@
 """CPU checks of the sliced complete run (bench_session.py --slice, gpu-complete.yaml, assemble.py): the slices
 cover the matrix once, their server and client flags exist in vLLM 0.26.0, the capacity slice's KV pool admits a
-request at its probe length (tqconfig's planner), and assemble.py merges slices measured in different calls into
+request at its probe length (tqconfig's planner), and assemble.py merges slices measured in different runs into
 one report and fidelity.json with tqbench's own merge, report and fidelity code, refusing a cell measured twice."""
 from __future__ import annotations
 
@@ -167,11 +167,11 @@ def slice_tarball(root: Path, label: str, model: str, dtype: str, name: str, *, 
     return out / "bench-run.tar.gz"
 
 
-def test_assemble_merges_slices_from_separate_calls(tmp_path):
+def test_assemble_merges_slices_from_separate_runs(tmp_path):
     dest = tmp_path / "results" / "2026-12-04-h200-gemma-4-31b"
-    first = slice_tarball(tmp_path, "call1", "gemma-4-31b", "auto", "short_decode", tpot=20.0, bench_tpot=20.2,
+    first = slice_tarball(tmp_path, "run1", "gemma-4-31b", "auto", "short_decode", tpot=20.0, bench_tpot=20.2,
                           repeat2_tpot=20.4)
-    second = slice_tarball(tmp_path, "call2", "gemma-4-31b", "turboquant_4bit_nc", "short_decode", tpot=18.0,
+    second = slice_tarball(tmp_path, "run2", "gemma-4-31b", "turboquant_4bit_nc", "short_decode", tpot=18.0,
                            bench_tpot=18.0)
     assert assemble.main([str(dest), str(first)]) == 0
     assert assemble.main([str(dest), str(second)]) == 0  # a later session adds its slice
@@ -196,13 +196,13 @@ def test_assemble_merges_slices_from_separate_calls(tmp_path):
 
 def test_assemble_refuses_a_cell_twice_or_another_model_and_keeps_dest(tmp_path, capsys):
     dest = tmp_path / "results" / "2026-12-04-h200-gemma-4-31b"
-    first = slice_tarball(tmp_path, "call1", "gemma-4-31b", "auto", "mixed", tpot=20.0, bench_tpot=20.0)
+    first = slice_tarball(tmp_path, "run1", "gemma-4-31b", "auto", "mixed", tpot=20.0, bench_tpot=20.0)
     assert assemble.main([str(dest), str(first)]) == 0
     before = sorted(str(p.relative_to(dest)) for p in dest.rglob("*"))
-    again = slice_tarball(tmp_path, "call2", "gemma-4-31b", "auto", "mixed", tpot=21.0, bench_tpot=21.0)
+    again = slice_tarball(tmp_path, "run2", "gemma-4-31b", "auto", "mixed", tpot=21.0, bench_tpot=21.0)
     assert assemble.main([str(dest), str(again)]) == 2
     assert "raw/latency/auto/mixed is finished" in capsys.readouterr().err
-    other = slice_tarball(tmp_path, "call3", "qwen3.6-27b", "turboquant_k8v4", "mixed", tpot=20.0, bench_tpot=20.0)
+    other = slice_tarball(tmp_path, "run3", "qwen3.6-27b", "turboquant_k8v4", "mixed", tpot=20.0, bench_tpot=20.0)
     assert assemble.main([str(dest), str(other)]) == 2
     assert "measured model 'qwen3.6-27b', but 2026-12-04-h200-gemma-4-31b holds 'gemma-4-31b'" in capsys.readouterr().err
     assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*")) == before
