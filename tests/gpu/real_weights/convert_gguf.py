@@ -5,8 +5,8 @@
 
 transformers dequantizes the GGUF into an ordinary model; the GGUF quantizer is dropped before
 `save_pretrained` (recipe of bench/fixtures/convert_smollm2.py). `--tokenizer` also saves the
-tokenizer (only SmolLM2's converts correctly; Gemma 3's is mis-converted by transformers 5.14.1,
-so its token ids come pre-computed in token_ids.json instead).
+tokenizer: SmolLM2's as transformers converts it from the GGUF, Gemma 3's rebuilt from the GGUF
+vocabulary (gemma3_tokenizer.py; transformers mis-converts it), so both folders can be served with text.
 """
 from __future__ import annotations
 
@@ -44,7 +44,12 @@ def convert(gguf_path: Path, out: Path, expected_sha256: str | None, with_tokeni
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
-    if with_tokenizer:
+    if with_tokenizer and model.config.model_type.startswith("gemma3"):
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import gemma3_tokenizer
+
+        gemma3_tokenizer.save_hf_tokenizer(gguf_path, partial)
+    elif with_tokenizer:
         AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(partial)
     shutil.rmtree(out, ignore_errors=True)
     partial.rename(out)  # only a complete folder ever appears at `out`
