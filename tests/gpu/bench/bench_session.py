@@ -65,14 +65,16 @@ class Model:
     hf_config: str               # configs/hf folder
     flags: tuple[str, ...]       # model-specific serve flags
     capacity_kv_bytes: int       # the capacity slice's fixed KV pool: admission steps stay short
+    quality: str                 # the small real model served beside the capacity slice (QUALITY)
 
 
 MODELS = {
     # The offline host has no image processor: text only. Without FlashInfer, GDN prefill uses Triton (below).
-    "qwen3.6-27b": Model("qwen3.6-27b", ("--language-model-only",), 6 * 1024**3),
+    "qwen3.6-27b": Model("qwen3.6-27b", ("--language-model-only",), 6 * 1024**3, "smollm2-135m"),
     # Sliding-window layers (bf16 always) take most of Gemma 4 31B's KV pool: 16 GiB holds about one
     # 32K request in bf16 (tqconfig's plan), so the max_model_len probe has something to admit.
-    "gemma-4-31b": Model("gemma-4-31b-it", ("--language-model-only",), 16 * 1024**3),
+    # Gemma 3 270M beside it: its full layers take the head_dim-256 TurboQuant path of Gemma's family.
+    "gemma-4-31b": Model("gemma-4-31b-it", ("--language-model-only",), 16 * 1024**3, "gemma3-270m"),
 }
 
 
@@ -197,13 +199,20 @@ def run_step(argv: list[str], *, env: dict, timeout: float, log_path: Path) -> i
 
 QUALITY_CONFIG = HERE / "gpu-quality.yaml"
 QUALITY_MODEL = Path("/tmp/tqmodels/hf/smollm2-135m")
-QUALITY_NAME = "smollm2-135m"
 # SmolLM2-135M: max length 8192, head_dim 64 (TurboQuantConfig takes any head_dim; boundary layers 2+2 of 30).
 # It shares its lane's GPU with the running 27B server during priming and capacity (neither is a latency
 # measurement): fixed KV bytes (no profiling-based sizing) and a utilization whose start check (free memory
 # >= 0.25 x 141 GB) holds beside the 27B server (~65 GB: 54 GB bf16 weights, 6 GiB KV, activations).
 QUALITY_SERVER_ARGS = ("--max-model-len 8192 --gpu-memory-utilization 0.25 --kv-cache-memory-bytes 2147483648 "
                        "--enforce-eager --seed 0")
+# The small real models (tests/gpu/kit/models.sh): HF folder, tqbench quality config, serve flags.
+QUALITY = {
+    "smollm2-135m": (QUALITY_MODEL, QUALITY_CONFIG, QUALITY_SERVER_ARGS),
+    # 32K context for NIAH at 31,744 tokens; its KV at 32K is small (one KV head, 6 of 18 layers full)
+    "gemma3-270m": (Path("/tmp/tqmodels/hf/gemma3-270m"), HERE / "gpu-quality-gemma3.yaml",
+                    "--max-model-len 32768 --gpu-memory-utilization 0.25 --kv-cache-memory-bytes 4294967296 "
+                    "--enforce-eager --seed 0"),
+}
 # Seconds kept back at the end of the whole session for merge, report, fidelity and packing.
 FINISH_RESERVE_S = 35.0
 # Guess of a step's duration before it has run once (seconds): start only what can finish.
@@ -338,7 +347,7 @@ class Lane:
             self.finish_quality()
             wait_own_gpu_free()
         if self.quality_pending():  # the overlapped attempt failed or never ran: once more, GPU to itself
-            rc = self.quality(wait=True, label="quality (SmolLM2-135M, alone on the GPU)")
+            rc = self.quality(wait=True, label=f"quality ({Path(self.args.quality_model).name}, alone on the GPU)")
             log(f"{self.dtype}: quality retry exit {rc}")
         return self.status
 
@@ -359,7 +368,8 @@ class Lane:
             rc = None
         self.quality_proc = (None, 0.0)
         self.took.setdefault("quality", []).append(time.monotonic() - started)
-        log(f"{self.dtype}: quality (SmolLM2-135M, beside the 27B server) exit {rc} ({time.monotonic() - started:.0f} s)")
+        log(f"{self.dtype}: quality ({Path(self.args.quality_model).name}, beside the {self.served} server) exit {rc} "
+            f"({time.monotonic() - started:.0f} s)")
 
     def measure(self, base_url: str, model_dir: Path, server_log: Path) -> None:
         bench, state, dtype = self.bench, self.state, self.dtype
@@ -407,19 +417,20 @@ class Lane:
                 self.step("vllm_bench", f"vllm bench serve {name} repeat {repeat}", argv,
                           result_dir / f"{Path(filename).stem}.log", self.server_env, keep=quality_keep)
 
-    def quality(self, *, wait: bool, label: str = "quality (SmolLM2-135M)") -> int | None:
+    def quality(self, *, wait: bool, label: str = "") -> int | None:
         """tqbench quality on the small real model; ``wait=False`` starts it in the background."""
         args = self.args
         model = Path(args.quality_model)
+        label = label or f"quality ({model.name})"
         if not (model / "config.json").exists():
             record_skip(args.state, self.dtype, "quality", f"no model folder {model} (the install step provides it)")
             (self.state / "quality-missing").touch()
             return None
         bench = yaml.safe_load(args.quality_config.read_text())
-        launch = (f"{{python}} -m vllm.entrypoints.cli.main serve {model} --served-model-name {QUALITY_NAME} "
+        launch = (f"{{python}} -m vllm.entrypoints.cli.main serve {model} --served-model-name {model.name} "
                   f"--kv-cache-dtype {{kv_cache_dtype}} {args.quality_server_args} --host {{host}} --port {{port}}")
         argv = [self.python, "-m", "tqbench.cli", "run", "--config", str(args.quality_config), "--launch-cmd", launch,
-                "--model", QUALITY_NAME, "--kv", self.dtype, "--parts", "quality", "--port", str(free_port()),
+                "--model", model.name, "--kv", self.dtype, "--parts", "quality", "--port", str(free_port()),
                 "--vllm-python", self.python, "--health-timeout", str(bench["server"]["health_timeout_s"]),
                 "--run-dir", str(self.state / "quality")]
         env = dict(self.client_env)
@@ -515,6 +526,10 @@ def resolve_slice(parser: argparse.ArgumentParser, args) -> None:
         parser.error(f"--slice {args.slice}: name the model too (--model {' or '.join(sorted(MODELS))})")
     model = MODELS[args.model] if args.model else None
     args.served_name = args.model or SERVED_NAME
+    quality_dir, quality_config, quality_args = QUALITY[model.quality if model else "smollm2-135m"]
+    args.quality_model = str(quality_dir) if args.quality_model is None else args.quality_model
+    args.quality_config = args.quality_config or quality_config
+    args.quality_server_args = args.quality_server_args or quality_args
     args.hf_config = args.hf_config or (model.hf_config if model else HF_CONFIG)
     args.bench_config = args.bench_config or (COMPLETE_CONFIG if args.slice else CONFIG)
     chosen = SLICES.get(args.slice)
@@ -556,9 +571,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hf-config", default=None, help="configs/hf name or config.json path of the model "
                         "(default: the --model's, else qwen3.6-27b)")
     parser.add_argument("--server-args", default=None, help="replace the GPU memory/shape flags (local dry run)")
-    parser.add_argument("--quality-model", default=str(QUALITY_MODEL), help="HF folder of the quality model ('' = none)")
-    parser.add_argument("--quality-config", type=Path, default=QUALITY_CONFIG)
-    parser.add_argument("--quality-server-args", default=QUALITY_SERVER_ARGS)
+    parser.add_argument("--quality-model", default=None,
+                        help="HF folder of the quality model ('' = none; default SmolLM2-135M, or the --model's)")
+    parser.add_argument("--quality-config", type=Path, default=None)
+    parser.add_argument("--quality-server-args", default=None)
     parser.add_argument("--no-quality-overlap", dest="quality_overlap", action="store_false",
                         help="run quality only after the 27B server stopped (default: beside priming and capacity)")
     parser.add_argument("--gsm8k-dir", type=Path, default=None, help="folder with GSM8K test/train.jsonl")

@@ -51,6 +51,18 @@ def test_slices_cover_every_scenario_once_and_capacity_once():
     CapacitySettings(**config.part_settings("capacity"))
 
 
+def test_quality_beside_each_model_fits_its_quality_model():
+    """Every NIAH probe plus its answer fits the quality model's --max-model-len; the config is the harness's."""
+    for name, (folder, config_path, server_args) in bench_session.QUALITY.items():
+        quality = load_bench_config(config_path)
+        assert quality.parts == ["quality"], name
+        max_len = int(server_args.split("--max-model-len ")[1].split()[0])
+        assert max(quality.part_settings("quality")["niah"]["context_lengths"]) + 32 <= max_len, name
+        assert folder.name == name
+    gemma = load_bench_config(bench_session.QUALITY["gemma3-270m"][1]).part_settings("quality")
+    assert max(gemma["niah"]["context_lengths"]) >= 30_000  # long context on the head_dim-256 path
+
+
 @pytest.mark.parametrize("model", sorted(bench_session.MODELS))
 def test_slice_commands_use_only_vllm_0_26_0_flags(model, tmp_path):
     tree = vllm_cli.pristine_tree()
@@ -90,14 +102,14 @@ def test_capacity_pool_admits_a_request_at_its_probe_length(model, profile):
 
 def resolved(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    for flag in ("--model", "--slice", "--hf-config", "--quality-model"):
+    for flag in ("--model", "--slice", "--hf-config", "--quality-model", "--quality-server-args"):
         parser.add_argument(flag, default=None)
+    parser.add_argument("--quality-config", type=Path, default=None)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--bench-config", type=Path, default=None)
     parser.add_argument("--state", type=Path, default=Path("/tmp/tq-bench"))
     parser.add_argument("--enforce-eager", action="store_true")
     args = parser.parse_args(argv)
-    args.quality_model = args.quality_model if args.quality_model is not None else "/models/smollm2"
     bench_session.resolve_slice(parser, args)
     return args
 
@@ -110,11 +122,18 @@ def test_slice_settings_follow_the_slice():
     assert named.state == Path("/tmp/tq-bench/gemma-4-31b/named-a")
     assert named.bench_config == bench_session.COMPLETE_CONFIG
     capacity = resolved("--model", "qwen3.6-27b", "--slice", "capacity", "--repeats", "2")
-    assert capacity.parts == ["capacity"] and capacity.quality_model == "/models/smollm2" and capacity.repeats == 2
+    assert capacity.parts == ["capacity"] and capacity.repeats == 2
+    assert capacity.quality_model == "/tmp/tqmodels/hf/smollm2-135m" and capacity.quality_config == bench_session.QUALITY_CONFIG
+    gemma = resolved("--model", "gemma-4-31b", "--slice", "capacity")  # Gemma's family beside Gemma 4
+    assert gemma.quality_model == "/tmp/tqmodels/hf/gemma3-270m" and gemma.quality_config.name == "gpu-quality-gemma3.yaml"
+    assert "--max-model-len 32768" in gemma.quality_server_args
+    assert resolved("--model", "gemma-4-31b", "--slice", "capacity", "--quality-model", "").quality_model == ""
     assert not resolved("--model", "qwen3.6-27b", "--slice", "long-128k").vllm_bench
     lane = resolved()  # the two-GPU lane as before
     assert (lane.scenarios, lane.parts, lane.repeats, lane.bench_config) == (None, None, 2, bench_session.CONFIG)
     assert lane.served_name == "qwen3.6-27b" and lane.state == Path("/tmp/tq-bench")
+    assert (lane.quality_model, lane.quality_config, lane.quality_server_args) == (
+        str(bench_session.QUALITY_MODEL), bench_session.QUALITY_CONFIG, bench_session.QUALITY_SERVER_ARGS)
 
 
 def test_slice_without_model_and_unknown_slice_are_refused(capsys):
