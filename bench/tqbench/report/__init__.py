@@ -290,9 +290,34 @@ def latency_section(frame: pd.DataFrame | None, why: str | None, run_info: dict,
                              "prefill (sustained arrivals), so no clean decode step was measured.")
         out.append(_table(["Scenario", "KV dtype", *[h for h, _ in PHASE_COLUMNS]], rows))
     out.append(skip_note)
+    out.append(_not_measured_note(frame, skipped, run_info, run_dir))
     out.append(_dash_notes(notes))
     out.append(_failure_note(failures, "latency"))
     return "\n".join(out)
+
+
+def _not_measured_note(frame: pd.DataFrame, skipped: pd.DataFrame | None, run_info: dict, run_dir: Path | None) -> str:
+    """The planned (dtype, scenario) cells with no result and no recorded skip: a run assembled from parts
+    (or cut short) says which holes it has instead of leaving them to be noticed. The plan is run.json's
+    ``planned`` (written when parts measured apart are assembled) or else the run's config."""
+    config = run_info.get("config") or {}
+    planned = run_info.get("planned") or {
+        "kv_cache_dtypes": config.get("kv_cache_dtypes", []),
+        "latency_scenarios": [s["name"] for s in (config.get("latency") or {}).get("scenarios", [])]}
+    done = set(zip(frame["kv_cache_dtype"], frame["scenario"]))
+    if skipped is not None and len(skipped):
+        done |= set(zip(skipped["kv_cache_dtype"], skipped["scenario"]))
+    missing = []
+    for dtype in planned["kv_cache_dtypes"]:
+        holes = [s for s in planned["latency_scenarios"] if (dtype, s) not in done]
+        if holes:
+            whole = len(holes) == len(planned["latency_scenarios"]) > 1
+            missing.append(f"`{dtype}`: " + (f"all {len(holes)} scenarios" if whole else ", ".join(holes)))
+    if not missing:
+        return ""
+    why = (" (`session-skips.jsonl` records the steps a GPU session had no time for)"
+           if run_dir is not None and (run_dir / "session-skips.jsonl").exists() else "")
+    return f"\nNot measured in this run{why}: " + "; ".join(missing) + "."
 
 
 def target_line(target: str, dtypes: list[str]) -> str:

@@ -9,7 +9,8 @@ repeats (``fidelity-reps/``). Slices arrive over several sessions; each is added
 
 Cells are merged with ``tqbench merge`` (a cell finished in two slices is an error naming it, never a silent
 choice), ``vllm-bench/`` and ``fidelity-reps/`` files are added (the same file name with other content is an
-error too), ``session-skips.jsonl`` lines are kept with the slice they came from, then the report and
+error too), ``session-skips.jsonl`` lines are kept with the slice they came from, run.json records the whole
+matrix (``planned``, so the report lists the cells no slice measured yet), then the report and
 ``fidelity.json`` are rebuilt from everything DEST holds. All slices given in one invocation are checked and merged in a
 scratch copy first, so a failing slice leaves DEST as it was.
 """
@@ -23,11 +24,13 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+import yaml
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import fidelity  # noqa: E402
-from bench_session import gzip_large_prompts  # noqa: E402
+from bench_session import COMPLETE_CONFIG, gzip_large_prompts  # noqa: E402
 from tqbench.merge import MergeError, merge_runs  # noqa: E402
 from tqbench.report import build_report  # noqa: E402
 
@@ -80,7 +83,16 @@ def add_side_files(dest: Path, source: Path, label: str) -> list[str]:
     return added
 
 
-def assemble(dest: Path, tarballs: list[Path]) -> dict:
+def record_plan(run_dir: Path, matrix: Path) -> None:
+    """run.json ``planned``: the whole matrix the slices belong to, so the report names the cells still missing."""
+    config = yaml.safe_load(matrix.read_text())
+    info = json.loads((run_dir / "run.json").read_text())
+    info["planned"] = {"matrix": matrix.name, "kv_cache_dtypes": config["kv_cache_dtypes"],
+                       "latency_scenarios": [s["name"] for s in (config.get("latency") or {}).get("scenarios", [])]}
+    (run_dir / "run.json").write_text(json.dumps(info, indent=1, default=str))
+
+
+def assemble(dest: Path, tarballs: list[Path], matrix: Path = COMPLETE_CONFIG) -> dict:
     with tempfile.TemporaryDirectory(prefix="tq-assemble-") as tmp:
         scratch = Path(tmp)
         work = scratch / "dest" / dest.name
@@ -101,6 +113,7 @@ def assemble(dest: Path, tarballs: list[Path]) -> dict:
             except MergeError as exc:
                 raise AssembleError(f"{label}: {exc}") from exc
             merged.append({"slice": label, "cells": copied, "files": add_side_files(work, source, label)})
+        record_plan(work, matrix)
         build_report(work)
         if (work / "latency.csv").exists() and (work / "vllm-bench").is_dir():
             (work / "fidelity.json").write_text(json.dumps(fidelity.fidelity(work), indent=1) + "\n")
@@ -116,9 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dest", type=Path, help="run directory to create or extend, e.g. bench/results/<date>-h200-<model>")
     parser.add_argument("slices", type=Path, nargs="+", help="bench-run.tar.gz of each slice")
+    parser.add_argument("--matrix", type=Path, default=COMPLETE_CONFIG,
+                        help="the bench config the slices belong to (default gpu-complete.yaml): the report lists "
+                             "its cells that no slice measured yet")
     args = parser.parse_args(argv)
     try:
-        result = assemble(args.dest, args.slices)
+        result = assemble(args.dest, args.slices, args.matrix)
     except (AssembleError, fidelity.FidelityError) as exc:
         print(f"assemble: {exc}", file=sys.stderr)
         return 2

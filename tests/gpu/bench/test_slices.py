@@ -208,7 +208,12 @@ def test_assemble_merges_slices_from_separate_runs(tmp_path):
     assert entries["turboquant_4bit_nc"]["tpot"]["median_ratio"] == pytest.approx(1.0)
     skips = [json.loads(line) for line in (dest / "session-skips.jsonl").read_text().splitlines()]
     assert [s["slice"] for s in skips] == ["out/bench-run.tar.gz"] * 2
-    assert "`turboquant_4bit_nc`" in (dest / "report.md").read_text()
+    report = (dest / "report.md").read_text()
+    assert "`turboquant_4bit_nc`" in report
+    # the rest of gpu-complete.yaml is named as missing, dtype by dtype
+    assert ("Not measured in this run (`session-skips.jsonl` records the steps a GPU session had no time for): "
+            "`auto`: decode_heavy, mixed, long_prefill, high_load, long_context_32k_c1, long_context_32k_c8, "
+            "long_context_128k_c1; `turboquant_k8v4`: all 8 scenarios; `turboquant_4bit_nc`: decode_heavy,") in report
     info = json.loads((dest / "run.json").read_text())
     assert info["model"] == "gemma-4-31b" and info["config"]["kv_cache_dtypes"] == ["auto", "turboquant_4bit_nc"]
 
