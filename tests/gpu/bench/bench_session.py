@@ -273,7 +273,7 @@ def wait_healthy(server: subprocess.Popen, base_url: str, limit: float) -> str |
 
 
 class Lane:
-    """One KV dtype on one GPU: 27B dummy server (prime, capacity, interleaved fidelity), then quality."""
+    """One KV dtype on one GPU: full-size dummy-weight server (prime, capacity, interleaved fidelity), then quality."""
 
     def __init__(self, args, bench: dict, dtype: str, deadline: Deadline):
         self.args, self.bench, self.dtype, self.deadline = args, bench, dtype, deadline
@@ -445,7 +445,7 @@ class Lane:
             out.flush()
             self.quality_proc = (subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO,
                                                   start_new_session=True), time.monotonic())
-        log(f"{self.dtype}: {label} started beside the 27B server")
+        log(f"{self.dtype}: {label} started beside the {self.served} server")
         return None
 
 
@@ -576,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quality-config", type=Path, default=None)
     parser.add_argument("--quality-server-args", default=None)
     parser.add_argument("--no-quality-overlap", dest="quality_overlap", action="store_false",
-                        help="run quality only after the 27B server stopped (default: beside priming and capacity)")
+                        help="run quality only after the model server stopped (default: beside priming and capacity)")
     parser.add_argument("--gsm8k-dir", type=Path, default=None, help="folder with GSM8K test/train.jsonl")
     parser.add_argument("--lane", default=None, help=argparse.SUPPRESS)  # internal: run one dtype's lane
     parser.add_argument("--dry-run", "--list", dest="dry_run", action="store_true", help="print the plan, run nothing")
