@@ -5,7 +5,8 @@
   GPU host's real-weight runs (token ids) and its harness runs (text, e.g. NIAH) see the same tokens;
 - the server's prompt logprobs give the perplexity transformers computes on the same weights and ids
   (fp32 both; tolerance 0.5 %: the two only differ in kernels and summation order);
-- text prompts get the completions a working model gives (greedy).
+- text prompts get the completions a working model gives (greedy);
+- the harness's perplexity windows start with Gemma's BOS, as a text prompt does.
 
 ``make test`` builds the model first (`$(GEMMA3_HF)`: the model kit's GGUF, converted by convert_gguf.py).
 """
@@ -97,6 +98,30 @@ def test_served_perplexity_matches_transformers_on_the_same_weights(gemma3_serve
     reference = json.loads(done.stdout.strip().splitlines()[-1])["ppl"]
     assert served == pytest.approx(reference, rel=PPL_RTOL), (served, reference)
     assert 2 < served < 20, served  # a 270M model on plain English word problems
+
+
+def test_harness_perplexity_windows_start_like_text_prompts(gemma3_server, tmp_path):
+    """tqbench's perplexity windows lead with the BOS Gemma's tokenizer puts before text, as real requests do;
+    the same content without it (the harness's windows before) reads as a far less likely text."""
+    from tqbench.context import Endpoint
+    from tqbench.quality import perplexity
+    from tqbench.quality.client import ServerClient
+    from tqbench.quality.settings import PerplexitySettings
+
+    with ServerClient(Endpoint(gemma3_server, "gemma3-270m"), timeout_s=600) as client:
+        assert client.special_prefix() == [2]
+        settings = PerplexitySettings(window_tokens=256, max_windows=2, concurrency=1)
+        result = perplexity.run(client, tmp_path, settings, seed=0, max_model_len=4096)
+        windows = perplexity.corpus_windows(client, 256, 2)
+        assert all(w[0] == 2 and 2 not in w[1:] and len(w) == 256 for w in windows)
+        records = [json.loads(line) for line in (tmp_path / perplexity.RAW_FILE).read_text().splitlines()]
+        assert [r["scored_tokens"] for r in records] == [255, 255]  # every text token of the window
+        without = []
+        for window in windows:  # the content alone: its first token unscored, no BOS
+            body = client.complete(window[1:], max_tokens=1, temperature=0.0, prompt_logprobs=0, seed=0)
+            without += perplexity.token_logprobs(body, window[1:])
+    assert result["ppl_windows"] == 2
+    assert math.exp(-sum(without) / len(without)) > 1.5 * result["ppl"], (without[:3], result)
 
 
 @pytest.mark.parametrize("prompt,expected", [("Monday, Tuesday, Wednesday,", " Thursday"),

@@ -73,9 +73,19 @@ class ServerClient:
                               status=response.status_code)
         return response.json()
 
-    def tokenize(self, text: str) -> list[int]:
-        body = self._post("/tokenize", {"model": self.endpoint.model, "prompt": text, "add_special_tokens": False})
+    def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        body = self._post("/tokenize", {"model": self.endpoint.model, "prompt": text,
+                                        "add_special_tokens": add_special_tokens})
         return list(body["tokens"])
+
+    def special_prefix(self) -> list[int]:
+        """The ids the server's tokenizer puts before any text prompt (e.g. Gemma's BOS); [] for most BPE models."""
+        plain = self.tokenize("x")
+        full = self.tokenize("x", add_special_tokens=True)
+        for start in range(len(full) - len(plain) + 1):
+            if full[start:start + len(plain)] == plain:
+                return full[:start]
+        return []
 
     def detokenize(self, tokens: list[int]) -> str:
         return self._post("/detokenize", {"model": self.endpoint.model, "tokens": tokens})["prompt"]

