@@ -121,12 +121,14 @@ def test_capacity_csv_matches_server_and_probe(run_dir):
     for _, capacity in table.iterrows():
         length = int(capacity["probe_context_len"])
         at_len = [s for s in steps if s["context_len"] == length]
+        assert any(s["admitted"] for s in at_len), at_len  # the steps, if none was admitted at this length
         admitted = max(s["n"] for s in at_len if s["admitted"])
         assert capacity["admitted_max"] == admitted and capacity["admitted_tokens"] == admitted * length
         # The probe cannot admit more L-token requests than the KV cache holds (nor than its upper bound 8).
         assert 1 <= admitted <= min(8, NUM_BLOCKS * 128 // length)
         best = next(s for s in at_len if s["n"] == admitted)
-        assert best["peak_running"] == admitted and best["preemptions"] == 0 and not best["errors"]
+        assert best["preemptions"] == 0 and not best["errors"]
+        assert best["peak_running"] == admitted or admitted == 1  # one request may end between two polls
         if admitted < 8:  # below the upper bound the probe found the edge
             refused = [s for s in at_len if not s["admitted"] and s["n"] == admitted + 1]
             assert refused and capacity["refused_min"] == admitted + 1

@@ -3,7 +3,7 @@
 One step sends N requests together, each a distinct random token-id prompt of L - out tokens
 generating ``out`` tokens with ``ignore_eos`` (so each ends holding L tokens of KV), and polls
 ``/metrics`` until all finish. The step is *admitted* when every request succeeded, all N were
-seen running at the same time, and ``vllm:num_preemptions`` did not move. ``out`` is long enough
+seen running at the same time (N = 1: it finished), and ``vllm:num_preemptions`` did not move. ``out`` is long enough
 that decoding outlasts the staggered (chunked) prefill of all N prompts, otherwise the first
 requests would finish before the last start and N would never be seen running together.
 
@@ -77,9 +77,12 @@ def probe_step(client: ServerClient, n: int, context_len: int, token_pool: list[
         pool.shutdown(wait=finished.is_set(), cancel_futures=True)
     after = load_state(parse_prometheus(client.metrics_text()))
     preemptions = (after["preemptions"] or 0.0) - (before["preemptions"] or 0.0)
-    admitted = not errors and peak["running"] >= n and preemptions == 0
+    # N requests ran together when /metrics saw them running at once. One request that finished without a
+    # preemption ran by itself, whether or not a poll caught it: on a loaded machine polls can miss a short one.
+    seen_together = peak["running"] >= n
+    admitted = not errors and preemptions == 0 and (seen_together or n == 1)
     return {"n": n, "context_len": context_len, "prompt_tokens": context_len - out, "output_tokens": out,
-            "peak_running": peak["running"], "peak_waiting": peak["waiting"],
+            "peak_running": peak["running"], "seen_running_together": seen_together, "peak_waiting": peak["waiting"],
             "peak_kv_cache_usage": peak["kv_cache_usage"], "preemptions": preemptions,
             "errors": errors, "admitted": admitted, "duration_s": time.monotonic() - started}
 

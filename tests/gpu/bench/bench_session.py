@@ -5,7 +5,7 @@ tqbench run directory (issue 3).
 Per dtype (``lane``, one GPU, its own state folder ``<state>/<dtype>/``):
 1. ``vllm serve`` (``--site``: the GPU kit's patched install) of the full-size Qwen3.6-27B config with
    dummy bf16 weights, 6 GiB KV (``--kv-cache-memory-bytes``), prefix caching off, eager;
-2. priming: the harness runs one unsaved wave (N = C) of every scenario, so neither tool measures
+2. priming: the harness runs one unsaved wave (N = C, at most 16 output tokens) of every scenario, so neither tool measures
    first-shape compilation (Triton JIT of the TurboQuant kernels);
 3. ``tqbench run --parts capacity`` into the lane's run directory;
 4. fidelity, interleaved per scenario and repeated while --deadline-s allows: harness (``tqbench run
