@@ -110,26 +110,34 @@ def store_request(tq, cache, side, keys, values, block_row, preset, Pi_T, chunk,
                     value_quant_bits=val_bits, norm_correction=nc, fp8_e4b15=fp8_e4b15, **window)
 
 
-def check_case(tq, preset, d, hq, hk, seq_lens, page, device, dtype, gen, splits=32, fp8_e4b15=None):
-    key_bits, val_bits, nc = ref.PRESETS[preset]
-    B = len(seq_lens)
+def stored_batch(tq, preset, d, hk, seq_lens, page, device, dtype, gen, *, seed, fp8_e4b15=None, recent=None):
+    """Requests of ``seq_lens`` (realistic keys) stored in thirds into one paged cache whose blocks are
+    shuffled (block 0 left unused), each as batch row b. Returns cache, side, Pi, Pi_T, block table,
+    blocks per request and the original (keys, values) per request."""
     blocks_per = [math.ceil(s / page) for s in seq_lens]
     num_blocks = sum(blocks_per) + 3
     cache = make_cache(num_blocks, page, hk, d, preset, device)
     side = torch.zeros(num_blocks, hk, 3, d, dtype=dtype, device=device)
     Pi, Pi_T = tq.tq_rotation(d, device)
-    perm = torch.randperm(num_blocks - 1, generator=torch.Generator().manual_seed(1)) + 1
-    bt = torch.zeros(B, max(blocks_per), dtype=torch.int32, device=device)
-    kv = []
-    used = 0
+    perm = torch.randperm(num_blocks - 1, generator=torch.Generator().manual_seed(seed)) + 1
+    bt = torch.zeros(len(seq_lens), max(blocks_per), dtype=torch.int32, device=device)
+    kv, used = [], 0
     for b, s in enumerate(seq_lens):
-        row = perm[used : used + blocks_per[b]].to(device)
+        row = perm[used: used + blocks_per[b]].to(device)
         used += blocks_per[b]
         bt[b, : blocks_per[b]] = row.to(torch.int32)
         keys, values = realistic_keys(s, hk, d, device, dtype, gen)
         store_request(tq, cache, side, keys, values, row, preset, Pi_T, chunk=max(1, s // 3),
-                      fp8_e4b15=fp8_e4b15)
+                      fp8_e4b15=fp8_e4b15, recent=recent, row=b)
         kv.append((keys, values))
+    return cache, side, Pi, Pi_T, bt, blocks_per, kv
+
+
+def check_case(tq, preset, d, hq, hk, seq_lens, page, device, dtype, gen, splits=32, fp8_e4b15=None):
+    key_bits, val_bits, nc = ref.PRESETS[preset]
+    B = len(seq_lens)
+    cache, side, Pi, Pi_T, bt, _, kv = stored_batch(tq, preset, d, hk, seq_lens, page, device, dtype, gen, seed=1,
+                                                    fp8_e4b15=fp8_e4b15)
     q = torch.randn(B, hq, d, device=device, dtype=dtype, generator=gen)
     scale = 1.0 / math.sqrt(d)
     seq_t = torch.tensor(seq_lens, dtype=torch.int32, device=device)
@@ -173,22 +181,9 @@ def recent_check(tq, preset, d, hq, hk, seq_lens, page, window, device, dtype, g
     another request, and entries whose slot was rewritten since, are ignored."""
     key_bits, val_bits, nc = ref.PRESETS[preset]
     B = len(seq_lens)
-    blocks_per = [math.ceil(s / page) for s in seq_lens]
-    num_blocks = sum(blocks_per) + 3
-    cache = make_cache(num_blocks, page, hk, d, preset, device)
-    side = torch.zeros(num_blocks, hk, 3, d, dtype=dtype, device=device)
-    Pi, Pi_T = tq.tq_rotation(d, device)
-    perm = torch.randperm(num_blocks - 1, generator=torch.Generator().manual_seed(2)) + 1
-    bt = torch.zeros(B, max(blocks_per), dtype=torch.int32, device=device)
     recent = tq.recent_window_empty(B + 1, window, hk, d, device)
-    kv, used = [], 0
-    for b, s in enumerate(seq_lens):
-        row = perm[used: used + blocks_per[b]].to(device)
-        used += blocks_per[b]
-        bt[b, : blocks_per[b]] = row.to(torch.int32)
-        keys, values = realistic_keys(s, hk, d, device, dtype, gen)
-        store_request(tq, cache, side, keys, values, row, preset, Pi_T, chunk=max(1, s // 3), recent=recent, row=b)
-        kv.append((keys, values))
+    cache, side, Pi, Pi_T, bt, blocks_per, kv = stored_batch(tq, preset, d, hk, seq_lens, page, device, dtype, gen,
+                                                             seed=2, recent=recent)
     q = torch.randn(B, hq, d, device=device, dtype=dtype, generator=gen)
     scale = 1.0 / math.sqrt(d)
     seq_t = torch.tensor(seq_lens, dtype=torch.int32, device=device)
