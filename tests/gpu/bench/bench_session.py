@@ -548,7 +548,7 @@ def resolve_slice(parser: argparse.ArgumentParser, args) -> None:
             args.quality_model = ""
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtypes", default="auto,turboquant_4bit_nc", help="comma-separated KV dtypes, one lane each")
     parser.add_argument("--site", type=Path, default=Path("/tmp/site-patched"))
@@ -580,6 +580,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gsm8k-dir", type=Path, default=None, help="folder with GSM8K test/train.jsonl")
     parser.add_argument("--lane", default=None, help=argparse.SUPPRESS)  # internal: run one dtype's lane
     parser.add_argument("--dry-run", "--list", dest="dry_run", action="store_true", help="print the plan, run nothing")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     deadline = Deadline(args.deadline_s)
     resolve_slice(parser, args)

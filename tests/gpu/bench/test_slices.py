@@ -101,15 +101,9 @@ def test_capacity_pool_admits_a_request_at_its_probe_length(model, profile):
 
 
 def resolved(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    for flag in ("--model", "--slice", "--hf-config", "--quality-model", "--quality-server-args"):
-        parser.add_argument(flag, default=None)
-    parser.add_argument("--quality-config", type=Path, default=None)
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--bench-config", type=Path, default=None)
-    parser.add_argument("--state", type=Path, default=Path("/tmp/tq-bench"))
-    parser.add_argument("--enforce-eager", action="store_true")
-    args = parser.parse_args(argv)
+    """bench_session's own parser and slice resolution, as main() runs them."""
+    parser = bench_session.build_parser()
+    args = parser.parse_args(list(argv))
     bench_session.resolve_slice(parser, args)
     return args
 

@@ -54,7 +54,8 @@ def build(gsm8k: Path, smollm2_gguf: Path, gemma3_gguf: Path, out_dir: Path) -> 
 
     items = gsm8k_items(gsm8k)
     smol = AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
-    gemma = gemma3_tokenizer.save_hf_tokenizer(gemma3_gguf, Path(tempfile.mkdtemp(prefix="gemma3-tokenizer-")))
+    with tempfile.TemporaryDirectory(prefix="gemma3-tokenizer-") as folder:  # the tokenizer stays loaded
+        gemma = gemma3_tokenizer.save_hf_tokenizer(gemma3_gguf, Path(folder))
     encoders = {
         # SmolLM2's tokenizer adds no BOS; Gemma 3's GGUF says add_bos_token=True
         "smollm2-135m": (lambda s: smol(s, add_special_tokens=False).input_ids, [],

@@ -61,10 +61,10 @@ def save_hf_tokenizer(gguf_path: Path, folder: Path, model_max_length: int = 327
         "tokenizer_class": "GemmaTokenizer", "add_bos_token": True, "add_eos_token": False,
         "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>",
         "model_max_length": model_max_length}, indent=1))
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    AutoTokenizer.from_pretrained(str(folder)).save_pretrained(str(folder))  # tokenizer.json: no conversion at load
+    (folder / "tokenizer.model").unlink(missing_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))  # what a server loads: checked, then returned
     text, expected = KNOWN_IDS
     if (got := tokenizer(text).input_ids) != expected:
         raise ValueError(f"rebuilt Gemma 3 tokenizer encodes {text!r} as {got}, expected {expected}")
-    tokenizer.save_pretrained(str(folder))  # tokenizer.json: no conversion when a server loads it
-    (folder / "tokenizer.model").unlink(missing_ok=True)
-    return AutoTokenizer.from_pretrained(str(folder))
+    return tokenizer
